@@ -1,0 +1,1 @@
+//! Holds the criterion benchmarks (`cargo bench -p benches`).

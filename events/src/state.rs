@@ -1,0 +1,290 @@
+//! The reference fold: how the state of a user or product follows from its events.
+//!
+//! Pure and synchronous. The projector applies it to rows, the API uses it to answer a command with the
+//! state it will read back, and a downstream consumer can use it to know exactly what an event means.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Envelope, ProductEvent, UserEvent};
+
+/// Why an event cannot be applied to a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The event is at or below the state's version: already applied (a duplicate delivery).
+    #[error("event {sequence} is already applied (state is at version {version})")]
+    AlreadyApplied {
+        /// Sequence of the event.
+        sequence: u64,
+        /// Version of the state.
+        version: u64,
+    },
+    /// The event is further ahead than the next one: an earlier event has not arrived yet.
+    #[error("event {sequence} is ahead of version {version}: an earlier event is missing")]
+    Gap {
+        /// Sequence of the event.
+        sequence: u64,
+        /// Version of the state.
+        version: u64,
+    },
+    /// The event cannot start a stream (only a creation event can).
+    #[error("{0} cannot be the first event of a stream")]
+    NotACreation(&'static str),
+    /// A creation event for a stream that already exists.
+    #[error("{0} can only be the first event of a stream")]
+    NotFirst(&'static str),
+}
+
+/// Processing status of one source image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatusKind {
+    /// Requested, not yet processed.
+    Pending,
+    /// Processed; its variants are in `compressed_product_images`.
+    Ready,
+    /// Could not be processed; see `reason`.
+    Failed,
+}
+
+/// One source image of a product and how far its processing got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStatus {
+    /// Position in `product_images`, from 0.
+    pub position: u32,
+    /// The source URL.
+    pub url: String,
+    /// Processing status.
+    pub status: ImageStatusKind,
+    /// Why processing failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A product as its events describe it; serialises as the API's product representation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductState {
+    /// Product id (the aggregate id).
+    pub id: Uuid,
+    /// Owning user.
+    pub user_id: Uuid,
+    /// Name.
+    pub product_name: String,
+    /// Description.
+    pub product_description: String,
+    /// Exact price, serialised as a string with two decimals.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub product_price: Decimal,
+    /// Source image URLs, in order.
+    pub product_images: Vec<String>,
+    /// Processing status of each source image.
+    pub images: Vec<ImageStatus>,
+    /// Stored variants of processed images.
+    pub compressed_product_images: Vec<serde_json::Value>,
+    /// Sequence of the last event applied.
+    pub version: u64,
+    /// When the product was created.
+    pub created_at: DateTime<Utc>,
+    /// When the last event happened.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ProductState {
+    /// The state after the first event of a stream.
+    pub fn create(envelope: &Envelope<ProductEvent>) -> Result<Self, ApplyError> {
+        let ProductEvent::Created(e) = &envelope.event else {
+            return Err(ApplyError::NotACreation(envelope_type(envelope)));
+        };
+        if envelope.sequence != 1 {
+            return Err(ApplyError::Gap {
+                sequence: envelope.sequence,
+                version: 0,
+            });
+        }
+        Ok(Self {
+            id: envelope.aggregate_id,
+            user_id: e.user_id,
+            product_name: e.product_name.clone(),
+            product_description: e.product_description.clone(),
+            product_price: e.product_price.round_dp(2),
+            product_images: e.product_images.clone(),
+            images: Vec::new(),
+            compressed_product_images: Vec::new(),
+            version: 1,
+            created_at: envelope.occurred_at,
+            updated_at: envelope.occurred_at,
+        })
+    }
+
+    /// Applies the next event of the stream.
+    pub fn apply(&mut self, envelope: &Envelope<ProductEvent>) -> Result<(), ApplyError> {
+        check_next(self.version, envelope.sequence)?;
+        match &envelope.event {
+            ProductEvent::Created(_) => return Err(ApplyError::NotFirst("ProductCreated")),
+            ProductEvent::ImagesRequested(e) => {
+                self.images = e
+                    .images
+                    .iter()
+                    .map(|i| ImageStatus {
+                        position: i.position,
+                        url: i.url.clone(),
+                        status: ImageStatusKind::Pending,
+                        reason: None,
+                    })
+                    .collect();
+            }
+        }
+        self.version = envelope.sequence;
+        self.updated_at = envelope.occurred_at;
+        Ok(())
+    }
+
+    /// Folds a whole stream, from its first event.
+    pub fn fold<'a>(
+        stream: impl IntoIterator<Item = &'a Envelope<ProductEvent>>,
+    ) -> Result<Option<Self>, ApplyError> {
+        let mut state: Option<Self> = None;
+        for envelope in stream {
+            match &mut state {
+                None => state = Some(Self::create(envelope)?),
+                Some(s) => s.apply(envelope)?,
+            }
+        }
+        Ok(state)
+    }
+}
+
+/// A user as its events describe it; serialises as the API's user representation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserState {
+    /// User id (the aggregate id).
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// E-mail address.
+    pub email: String,
+    /// Sequence of the last event applied.
+    pub version: u64,
+    /// When the user registered.
+    pub created_at: DateTime<Utc>,
+    /// When the last event happened.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl UserState {
+    /// The state after the first event of a stream.
+    pub fn create(envelope: &Envelope<UserEvent>) -> Result<Self, ApplyError> {
+        let UserEvent::Registered(e) = &envelope.event;
+        if envelope.sequence != 1 {
+            return Err(ApplyError::Gap {
+                sequence: envelope.sequence,
+                version: 0,
+            });
+        }
+        Ok(Self {
+            id: envelope.aggregate_id,
+            name: e.name.clone(),
+            email: e.email.clone(),
+            version: 1,
+            created_at: envelope.occurred_at,
+            updated_at: envelope.occurred_at,
+        })
+    }
+
+    /// Applies the next event of the stream.
+    pub fn apply(&mut self, envelope: &Envelope<UserEvent>) -> Result<(), ApplyError> {
+        check_next(self.version, envelope.sequence)?;
+        match &envelope.event {
+            UserEvent::Registered(_) => Err(ApplyError::NotFirst("UserRegistered")),
+        }
+    }
+}
+
+fn envelope_type(envelope: &Envelope<ProductEvent>) -> &'static str {
+    use crate::DomainEvent;
+    envelope.event.event_type()
+}
+
+fn check_next(version: u64, sequence: u64) -> Result<(), ApplyError> {
+    if sequence <= version {
+        Err(ApplyError::AlreadyApplied { sequence, version })
+    } else if sequence > version + 1 {
+        Err(ApplyError::Gap { sequence, version })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ImageRef, ImagesRequested, ProductCreated};
+
+    fn created(id: Uuid) -> Envelope<ProductEvent> {
+        Envelope::new(
+            id,
+            1,
+            Utc::now(),
+            None,
+            ProductEvent::Created(ProductCreated {
+                user_id: Uuid::nil(),
+                product_name: "Desk".into(),
+                product_description: String::new(),
+                product_price: Decimal::new(34990, 2),
+                product_images: vec!["https://x.example/a.jpg".into()],
+            }),
+        )
+    }
+
+    fn requested(id: Uuid, seq: u64) -> Envelope<ProductEvent> {
+        Envelope::new(
+            id,
+            seq,
+            Utc::now(),
+            None,
+            ProductEvent::ImagesRequested(ImagesRequested {
+                images: vec![ImageRef {
+                    position: 0,
+                    url: "https://x.example/a.jpg".into(),
+                }],
+            }),
+        )
+    }
+
+    #[test]
+    fn given_created_when_images_requested_then_images_are_pending() {
+        let id = Uuid::now_v7();
+        let state = ProductState::fold([&created(id), &requested(id, 2)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.version, 2);
+        assert_eq!(state.images.len(), 1);
+        assert_eq!(state.images[0].status, ImageStatusKind::Pending);
+        assert_eq!(state.product_price.to_string(), "349.90");
+    }
+
+    #[test]
+    fn duplicates_and_gaps_are_refused_without_changing_state() {
+        let id = Uuid::now_v7();
+        let mut state = ProductState::create(&created(id)).unwrap();
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&requested(id, 3)),
+            Err(ApplyError::Gap {
+                sequence: 3,
+                version: 1
+            })
+        );
+        assert_eq!(
+            state.apply(&created(id)),
+            Err(ApplyError::AlreadyApplied {
+                sequence: 1,
+                version: 1
+            })
+        );
+        assert_eq!(state, before);
+        assert!(ProductState::create(&requested(id, 2)).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+# Catalog: run `just` to list recipes.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# One target directory for every checkout and CI run on this machine: build once, reuse.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/catalog/target")
+test_broker_port := "19092"
+
+default:
+    @just --list
+
+# Run the whole system locally: broker, migrations, API (http://127.0.0.1:8080) and projector.
+dev:
+    scripts/dev.sh
+
+# Run every test against real PostgreSQL, Redis and a fresh in-memory broker.
+test:
+    scripts/check-services.sh
+    scripts/broker.sh restart test {{test_broker_port}}
+    cargo build --workspace --tests --quiet
+    if command -v cargo-nextest >/dev/null 2>&1; then \
+        TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} cargo nextest run --workspace --no-fail-fast; \
+    else \
+        TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} cargo test --workspace --no-fail-fast; \
+    fi
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Apply migrations to the configured database (DB_* variables).
+migrate:
+    cargo run --quiet --bin catalogctl -- migrate
+
+# Criterion benchmarks.
+bench:
+    cargo bench -p benches
+
+# Stop the brokers started by `just dev` and `just test`.
+stop:
+    scripts/broker.sh stop dev
+    scripts/broker.sh stop test

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `just dev`: the whole system on this machine: broker (Tansu, in memory), migrations, API and projector.
+# Ctrl-C stops the API and projector; the broker keeps running (scripts/broker.sh stop dev stops it).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+"$root/scripts/check-services.sh"
+
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+export KAFKA_PRODUCER_BATCH_MESSAGES="${KAFKA_PRODUCER_BATCH_MESSAGES:-1}"
+export DB_NAME="${DB_NAME:-catalog}"
+export API_ADDR="${API_ADDR:-127.0.0.1:8080}"
+port="${KAFKA_BROKERS##*:}"
+
+cargo build --bins --quiet
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+
+fresh=0
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    "$root/scripts/broker.sh" start dev "$port"
+    fresh=1
+fi
+if [ "$fresh" = 1 ]; then
+    # The broker keeps its log in memory: a new broker is an empty log, so the projection built from the
+    # previous one is dropped too (a projection must never be ahead of its log).
+    "$bin/catalogctl" migrate --reset
+else
+    "$bin/catalogctl" migrate
+fi
+"$bin/catalogctl" topics
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+"$bin/catalog-projector" & pids+=($!)
+"$bin/catalog-api" & pids+=($!)
+for _ in $(seq 1 100); do
+    if curl -fsS "http://$API_ADDR/healthz" >/dev/null 2>&1; then break; fi
+    sleep 0.1
+done
+echo
+echo "catalog API ready: http://$API_ADDR   (Ctrl-C to stop)"
+echo
+wait -n "${pids[@]}"

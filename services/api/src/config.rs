@@ -1,0 +1,61 @@
+//! The API's configuration: environment variables with defaults, one doc line each.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use platform::config::{DbConfig, KafkaConfig, LogConfig};
+
+/// Everything the API process needs to start.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "catalog-api", about = "The catalog HTTP API")]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Apply pending SQL migrations at start-up.
+    #[arg(long, env = "RUN_MIGRATIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub run_migrations: bool,
+    /// Largest accepted request body, in bytes (larger answers 413).
+    #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest a request may take before it is answered 503, in milliseconds.
+    #[arg(long, env = "API_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    pub request_timeout_ms: u64,
+    /// How often the outbox relay looks for commands whose events were not all acknowledged, in ms.
+    #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 5_000)]
+    pub outbox_interval_ms: u64,
+    /// How old an unpublished command must be before the relay re-sends it (longer than any request
+    /// takes, so the relay does not race a request still in flight), in ms.
+    #[arg(long, env = "OUTBOX_GRACE_MS", default_value_t = 30_000)]
+    pub outbox_grace_ms: u64,
+    /// How long idempotency keys are remembered, in hours.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
+    pub idempotency_retention_hours: u32,
+    /// PostgreSQL settings.
+    #[command(flatten)]
+    pub db: DbConfig,
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogConfig,
+    /// Failure injection for tests; cannot be set from the environment.
+    #[arg(skip)]
+    pub fault: Option<Fault>,
+}
+
+/// A failure a test can inject to prove recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After the first event of a command is acknowledged, behave as if the process died: send nothing
+    /// more and leave the command unpublished (the relay of a later process must finish it).
+    DieAfterFirstAppend,
+}
+
+impl Config {
+    /// Request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}

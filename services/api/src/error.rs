@@ -1,0 +1,159 @@
+//! The API's error type: each variant is one HTTP status and one stable `code`.
+//!
+//! Bodies are JSON: `{"code", "message", "errors": [{"field", "message"}], "request_id"}`. 4xx messages
+//! say what the client must change; 5xx messages never carry internal detail (that goes to the log,
+//! under the same request id).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::domain::FieldError;
+
+tokio::task_local! {
+    /// The id of the request being served, set by the request-id middleware for error bodies.
+    pub(crate) static REQUEST_ID: String;
+}
+
+/// Everything a handler can answer other than success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 422: one or more fields are invalid; each is named.
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    /// 400: the body is not JSON.
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// 415: the body is not declared as `application/json`.
+    #[error("the body must be sent with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// 413: the body is larger than the configured limit.
+    #[error("the body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 404: no such resource.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: the request conflicts with existing state (the field is named).
+    #[error("{}", .0.message)]
+    Conflict(FieldError),
+    /// 422: an `Idempotency-Key` was reused with a different request.
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// 503: a dependency (database, broker) is unavailable; safe to retry with the same
+    /// `Idempotency-Key`.
+    #[error("a dependency is unavailable: {0}")]
+    Unavailable(String),
+    /// 500: a bug or an unexpected failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ApiError::Unavailable(format!("postgres pool: {e}"))
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // Constraint violations are mapped where they are expected (see the command log); anything
+        // else reaching here is either the server being away or a bug.
+        if e.is_closed() || e.code().is_none() {
+            ApiError::Unavailable(format!("postgres: {e}"))
+        } else {
+            ApiError::Internal(format!("postgres: {e}"))
+        }
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for ApiError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        ApiError::Unavailable(format!("kafka: {e}"))
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `validation_failed`.
+    pub code: &'static str,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The bad fields, for 409 and 422.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// The request id (also in the `x-request-id` response header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl ApiError {
+    /// The status and code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::IdempotencyKeyReused => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let request_id = REQUEST_ID.try_with(Clone::clone).ok();
+        let (message, errors) = match self {
+            ApiError::Validation(errors) => (
+                format!(
+                    "invalid field(s): {}",
+                    errors
+                        .iter()
+                        .map(|e| e.field.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                errors,
+            ),
+            ApiError::Conflict(field) => (field.message.clone(), vec![field]),
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "dependency unavailable");
+                (
+                    "a dependency is unavailable; retry later with the same Idempotency-Key".into(),
+                    vec![],
+                )
+            }
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                (
+                    "internal error; quote the request_id when reporting it".into(),
+                    vec![],
+                )
+            }
+            other => (other.to_string(), vec![]),
+        };
+        let body = ErrorBody {
+            code,
+            message,
+            errors,
+            request_id,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

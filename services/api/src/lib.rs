@@ -1,0 +1,191 @@
+//! The catalog HTTP API.
+//!
+//! Commands (`POST /users`, `POST /products`) are validated, recorded in the command log and appended to
+//! Kafka as events; the answer is 201 only once the broker acknowledged them. Reads come from the
+//! PostgreSQL projection that the projector maintains.
+
+pub mod commands;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod extract;
+mod routes;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing::Instrument;
+
+use crate::commands::RelaySettings;
+pub use crate::config::{Config, Fault};
+use crate::error::{ApiError, REQUEST_ID};
+use crate::extract::BodyLimit;
+pub use crate::state::AppState;
+
+/// Why the API could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// PostgreSQL setup failed.
+    #[error(transparent)]
+    Db(#[from] platform::db::DbError),
+    /// Kafka client setup or topic creation failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The application's routes and middleware over `state`.
+pub fn router(state: AppState, config: &Config) -> Router {
+    let limit = config.max_body_bytes;
+    Router::new()
+        .merge(routes::health::router())
+        .merge(routes::users::router())
+        .merge(routes::products::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async {
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(serde_json::json!({
+                    "code": "method_not_allowed",
+                    "message": "this method is not allowed on this path",
+                })),
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            req.extensions_mut().insert(BodyLimit(limit));
+            next.run(req)
+        }))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            config.request_timeout(),
+        ))
+        .layer(middleware::from_fn(trace_request))
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+        .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// One span per request (method, route, path, request id; status and latency when done), and the
+/// request id made available to error bodies.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let request_id = request
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span = tracing::info_span!(
+        "http.request",
+        http.method = %request.method(),
+        http.route = %route,
+        http.path = %request.uri().path(),
+        request.id = %request_id,
+        http.status = tracing::field::Empty,
+        http.latency_ms = tracing::field::Empty,
+    );
+    let response = REQUEST_ID
+        .scope(request_id, next.run(request).instrument(span.clone()))
+        .await;
+    let status = response.status();
+    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    span.record("http.status", status.as_u16());
+    span.record("http.latency_ms", latency_ms);
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::error!(
+                http.status = status.as_u16(),
+                http.latency_ms = latency_ms,
+                "request failed"
+            );
+        } else if status.is_client_error() {
+            tracing::warn!(
+                http.status = status.as_u16(),
+                http.latency_ms = latency_ms,
+                "request rejected"
+            );
+        } else {
+            tracing::info!(
+                http.status = status.as_u16(),
+                http.latency_ms = latency_ms,
+                "request served"
+            );
+        }
+    });
+    response
+}
+
+/// Connects to PostgreSQL and Kafka (migrating and creating topics if configured).
+pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
+    if config.run_migrations {
+        platform::db::ensure_database(&config.db).await?;
+        platform::db::migrate(&config.db).await?;
+    }
+    let pool = platform::db::pool(&config.db)?;
+    platform::db::ping(&pool).await?;
+    if config.kafka.create_topics {
+        platform::kafka::ensure_topics(&config.kafka).await?;
+    }
+    let producer = platform::kafka::producer(&config.kafka, "catalog-api")?;
+    Ok(AppState {
+        pool,
+        producer,
+        topics: Arc::new(config.kafka.topics()),
+        fault: config.fault,
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting, finishes in-flight
+/// requests, flushes the producer and returns. Runs the outbox relay alongside.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let state = build_state(&config).await?;
+    let (stop_relay, relay_stopped) = tokio::sync::watch::channel(false);
+    let relay = tokio::spawn(commands::relay(
+        state.clone(),
+        RelaySettings {
+            interval: Duration::from_millis(config.outbox_interval_ms),
+            grace: Duration::from_millis(config.outbox_grace_ms),
+            retention: Duration::from_secs(u64::from(config.idempotency_retention_hours) * 3600),
+        },
+        relay_stopped,
+    ));
+    tracing::info!(addr = %listener.local_addr()?, "catalog API listening");
+    let app = router(state.clone(), &config);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = stop_relay.send(true);
+    let _ = relay.await;
+    flush(&state).await;
+    tracing::info!("catalog API stopped");
+    Ok(())
+}
+
+async fn flush(state: &AppState) {
+    use rdkafka::producer::Producer;
+    let producer = state.producer.clone();
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+}

@@ -1,0 +1,55 @@
+//! Liveness (`/healthz`) and readiness (`/readyz`) probes.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::state::AppState;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// The process is up and serving HTTP.
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// PostgreSQL and the Kafka brokers answer; 503 naming the failing ones otherwise.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let timeout = Duration::from_secs(2);
+    let (pg, kafka) = tokio::join!(
+        tokio::time::timeout(timeout, platform::db::ping(&state.pool)),
+        platform::kafka::ping(&state.producer, timeout),
+    );
+    let pg = match pg {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    let kafka = match kafka {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let ready = pg == "ok" && kafka == "ok";
+    if !ready {
+        tracing::warn!(postgres = %pg, kafka = %kafka, "not ready");
+    }
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(json!({
+            "status": if ready { "ready" } else { "unavailable" },
+            "checks": { "postgres": pg, "kafka": kafka },
+        })),
+    )
+}

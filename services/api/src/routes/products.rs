@@ -1,0 +1,408 @@
+//! `POST /products`, `GET /products/{id}`, `GET /products?user_id=…`.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use events::{
+    Decimal, Envelope, ImageRef, ImagesRequested, ProductCreated, ProductEvent, ProductState,
+};
+use platform::read_model::{PRODUCT_COLUMNS, product_from_row};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{idempotency_key, path_id, request_id};
+use crate::commands::{self, Command, Outcome};
+use crate::domain::{FieldError, NewProduct, Price};
+use crate::error::ApiError;
+use crate::extract::JsonFields;
+use crate::routes::users::user_exists;
+use crate::state::AppState;
+
+const ROUTE: &str = "POST /products";
+/// Default page size of the product list.
+pub(crate) const DEFAULT_LIMIT: i64 = 50;
+/// Largest page size of the product list.
+pub(crate) const MAX_LIMIT: i64 = 250;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/products", post(create_product).get(list_products))
+        .route("/products/{id}", get(get_product))
+}
+
+/// Creates a product: appends `ProductCreated` then `ImagesRequested` to the product's partition and
+/// answers 201 with the product as it will read back once both are acknowledged.
+async fn create_product(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonFields,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let new = NewProduct::parse(&body.fields).map_err(ApiError::Validation)?;
+    let hash = commands::request_hash(ROUTE, &body.bytes);
+    if let Some(key) = &key {
+        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
+            return Ok(respond(outcome));
+        }
+    }
+    if !user_exists(&state, new.user_id).await? {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "user_id",
+            "no user with this id",
+        )]));
+    }
+    let id = Uuid::now_v7();
+    let (events, product) = product_events(id, new, Utc::now(), request_id(&headers))?;
+    let command = Command {
+        id,
+        route: ROUTE,
+        idempotency_key: key,
+        request_hash: hash,
+        events,
+        response: serde_json::to_value(&product).expect("product serialises"),
+        email_claim: None,
+    };
+    Ok(respond(commands::execute(&state, command).await?))
+}
+
+/// The two events of a new product, and the state they fold to.
+fn product_events(
+    id: Uuid,
+    new: NewProduct,
+    now: DateTime<Utc>,
+    correlation_id: Option<String>,
+) -> Result<(Vec<String>, ProductState), ApiError> {
+    let images = new
+        .product_images
+        .iter()
+        .enumerate()
+        .map(|(i, url)| ImageRef {
+            position: u32::try_from(i).unwrap_or(u32::MAX),
+            url: url.clone(),
+        })
+        .collect();
+    let created = Envelope::new(
+        id,
+        1,
+        now,
+        correlation_id.clone(),
+        ProductEvent::Created(ProductCreated {
+            user_id: new.user_id,
+            product_name: new.product_name,
+            product_description: new.product_description,
+            product_price: new.product_price.value(),
+            product_images: new.product_images,
+        }),
+    );
+    let requested = Envelope::new(
+        id,
+        2,
+        now,
+        correlation_id,
+        ProductEvent::ImagesRequested(ImagesRequested { images }),
+    );
+    let product = ProductState::fold([&created, &requested])
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::Internal("empty product stream".into()))?;
+    let events = [created, requested]
+        .iter()
+        .map(|e| String::from_utf8(e.to_json()).expect("JSON is UTF-8"))
+        .collect();
+    Ok((events, product))
+}
+
+fn respond(outcome: Outcome) -> Response {
+    let (body, replayed) = match outcome {
+        Outcome::Created(body) => (body, false),
+        Outcome::Replayed(body) => (body, true),
+    };
+    let location = format!("/products/{}", body["id"].as_str().unwrap_or_default());
+    let mut response = (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response();
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+/// A product from the projection, with its images' status and stored variants.
+async fn get_product(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ProductState>, ApiError> {
+    let id = path_id(&id)?;
+    let client = state.pool.get().await?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
+        ))
+        .await?;
+    let row = client
+        .query_opt(&statement, &[&id])
+        .await?
+        .ok_or(ApiError::NotFound("product"))?;
+    Ok(Json(product_from_row(&row)))
+}
+
+/// Validated filters of the product list.
+#[derive(Debug, PartialEq)]
+struct ListQuery {
+    user_id: Uuid,
+    min_price: Option<Decimal>,
+    max_price: Option<Decimal>,
+    name: Option<String>,
+    limit: i64,
+    after: Option<Cursor>,
+}
+
+/// Position after the last product of a page: (created_at, id), the list's sort key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    created_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+impl Cursor {
+    /// Opaque to clients: the microsecond timestamp and id, hex, dot-separated.
+    fn encode(self) -> String {
+        format!(
+            "{:x}.{}",
+            self.created_at.timestamp_micros(),
+            self.id.simple()
+        )
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (micros, id) = text.split_once('.')?;
+        Some(Self {
+            created_at: DateTime::from_timestamp_micros(i64::from_str_radix(micros, 16).ok()?)?,
+            id: Uuid::try_parse(id).ok()?,
+        })
+    }
+}
+
+impl ListQuery {
+    fn parse(params: &HashMap<String, String>) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let user_id = match params.get("user_id") {
+            None => {
+                errors.push(FieldError::new("user_id", "is required"));
+                None
+            }
+            Some(v) => Uuid::try_parse(v)
+                .map_err(|_| errors.push(FieldError::new("user_id", "must be a UUID")))
+                .ok(),
+        };
+        let mut price = |name: &str| {
+            params.get(name).and_then(|v| {
+                Price::parse(v)
+                    .map(Price::value)
+                    .map_err(|m| errors.push(FieldError::new(name, m)))
+                    .ok()
+            })
+        };
+        let min_price = price("min_price");
+        let max_price = price("max_price");
+        if let (Some(min), Some(max)) = (min_price, max_price) {
+            if min > max {
+                errors.push(FieldError::new(
+                    "min_price",
+                    "must not be greater than max_price",
+                ));
+            }
+        }
+        let name = params.get("name").and_then(|v| {
+            let v = v.trim();
+            if v.is_empty() || v.chars().count() > 200 {
+                errors.push(FieldError::new("name", "must be 1 to 200 characters"));
+                None
+            } else {
+                Some(v.to_owned())
+            }
+        });
+        let limit = match params.get("limit") {
+            None => Some(DEFAULT_LIMIT),
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => Some(n),
+                _ => {
+                    errors.push(FieldError::new(
+                        "limit",
+                        format!("must be a whole number from 1 to {MAX_LIMIT}"),
+                    ));
+                    None
+                }
+            },
+        };
+        let after = match params.get("cursor") {
+            None => Some(None),
+            Some(v) => match Cursor::decode(v) {
+                Some(c) => Some(Some(c)),
+                None => {
+                    errors.push(FieldError::new(
+                        "cursor",
+                        "is not a cursor this API returned",
+                    ));
+                    None
+                }
+            },
+        };
+        match (user_id, limit, after) {
+            (Some(user_id), Some(limit), Some(after)) if errors.is_empty() => Ok(Self {
+                user_id,
+                min_price,
+                max_price,
+                name,
+                limit,
+                after,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+/// A page of the product list.
+#[derive(Debug, Serialize)]
+struct ProductPage {
+    /// The products, oldest first.
+    items: Vec<ProductState>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Escapes `%`, `_` and `\` so the name filter is a literal substring.
+fn like_pattern(name: &str) -> String {
+    let escaped = name
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+/// A user's products, filtered by price range and name, in pages ordered by (created_at, id).
+async fn list_products(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<ProductPage>, ApiError> {
+    let q = ListQuery::parse(&params).map_err(ApiError::Validation)?;
+    let pattern = q.name.as_deref().map(like_pattern);
+    let (after_ts, after_id) = match q.after {
+        Some(c) => (Some(c.created_at), Some(c.id)),
+        None => (None, None),
+    };
+    let client = state.pool.get().await?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products
+              WHERE user_id = $1
+                AND ($2::numeric IS NULL OR product_price >= $2)
+                AND ($3::numeric IS NULL OR product_price <= $3)
+                AND ($4::text IS NULL OR product_name ILIKE $4)
+                AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6::uuid))
+              ORDER BY created_at, id
+              LIMIT $7"
+        ))
+        .await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &q.user_id,
+                &q.min_price,
+                &q.max_price,
+                &pattern,
+                &after_ts,
+                &after_id,
+                &(q.limit + 1),
+            ],
+        )
+        .await?;
+    let mut items: Vec<ProductState> = rows.iter().map(product_from_row).collect();
+    let next_cursor = if items.len() > usize::try_from(q.limit).unwrap_or(usize::MAX) {
+        items.pop();
+        items.last().map(|p| {
+            Cursor {
+                created_at: p.created_at,
+                id: p.id,
+            }
+            .encode()
+        })
+    } else {
+        None
+    };
+    Ok(Json(ProductPage { items, next_cursor }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn bad_fields(pairs: &[(&str, &str)]) -> Vec<String> {
+        ListQuery::parse(&params(pairs))
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    const USER: &str = "0192f7a3-1b2c-7e4f-8a9b-0c1d2e3f4a5b";
+
+    #[test]
+    fn list_parameters_are_validated_by_name() {
+        assert_eq!(bad_fields(&[]), ["user_id"]);
+        assert_eq!(bad_fields(&[("user_id", "x")]), ["user_id"]);
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("min_price", "5"), ("max_price", "4")]),
+            ["min_price"]
+        );
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("min_price", "-1")]),
+            ["min_price"]
+        );
+        assert_eq!(bad_fields(&[("user_id", USER), ("limit", "0")]), ["limit"]);
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("limit", "251")]),
+            ["limit"]
+        );
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("cursor", "zz")]),
+            ["cursor"]
+        );
+        let q = ListQuery::parse(&params(&[("user_id", USER), ("name", " desk ")])).unwrap();
+        assert_eq!(q.limit, DEFAULT_LIMIT);
+        assert_eq!(q.name.as_deref(), Some("desk"));
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = Cursor {
+            created_at: DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+    }
+
+    #[test]
+    fn name_filters_are_literal() {
+        assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
+    }
+}

@@ -1,0 +1,136 @@
+//! `POST /users`, `GET /users/{id}`.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use events::{Envelope, UserEvent, UserRegistered, UserState};
+use platform::read_model::{USER_COLUMNS, user_from_row};
+use uuid::Uuid;
+
+use super::{idempotency_key, path_id, request_id};
+use crate::commands::{self, Command, Outcome};
+use crate::domain::{FieldError, NewUser};
+use crate::error::ApiError;
+use crate::extract::JsonFields;
+use crate::state::AppState;
+
+const ROUTE: &str = "POST /users";
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/users", post(create_user))
+        .route("/users/{id}", get(get_user))
+}
+
+/// Registers a user: appends `UserRegistered`, answers 201 once the broker acknowledged it.
+async fn create_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonFields,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let new = NewUser::parse(&body.fields).map_err(ApiError::Validation)?;
+    let hash = commands::request_hash(ROUTE, &body.bytes);
+    if let Some(key) = &key {
+        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
+            return Ok(respond(outcome));
+        }
+    }
+    let email_lower = new.email.to_lowercase();
+    if email_taken(&state, &email_lower).await? {
+        return Err(ApiError::Conflict(FieldError::new(
+            "email",
+            "a user with this e-mail address already exists",
+        )));
+    }
+    let id = Uuid::now_v7();
+    let envelope = Envelope::new(
+        id,
+        1,
+        Utc::now(),
+        request_id(&headers),
+        UserEvent::Registered(UserRegistered {
+            name: new.name,
+            email: new.email,
+        }),
+    );
+    let user = UserState::create(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let command = Command {
+        id,
+        route: ROUTE,
+        idempotency_key: key,
+        request_hash: hash,
+        events: vec![String::from_utf8(envelope.to_json()).expect("JSON is UTF-8")],
+        response: serde_json::to_value(&user).expect("user serialises"),
+        email_claim: Some(email_lower),
+    };
+    Ok(respond(commands::execute(&state, command).await?))
+}
+
+fn respond(outcome: Outcome) -> Response {
+    let (body, replayed) = match outcome {
+        Outcome::Created(body) => (body, false),
+        Outcome::Replayed(body) => (body, true),
+    };
+    let location = format!("/users/{}", body["id"].as_str().unwrap_or_default());
+    let mut response = (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response();
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+/// Whether a projected user already has this address (the claim table covers unprojected ones).
+async fn email_taken(state: &AppState, email_lower: &str) -> Result<bool, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM users WHERE lower(email) = $1 LIMIT 1",
+            &[&email_lower],
+        )
+        .await?
+        .is_some())
+}
+
+/// A user from the projection.
+async fn get_user(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<UserState>, ApiError> {
+    let id = path_id(&id)?;
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or(ApiError::NotFound("user"))?;
+    Ok(Json(user_from_row(&row)))
+}
+
+/// Whether `id` names a user: projected, or accepted by this API and not yet projected.
+pub(crate) async fn user_exists(state: &AppState, id: Uuid) -> Result<bool, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM users WHERE id = $1
+             UNION ALL
+             SELECT 1 FROM api_commands WHERE id = $1 AND route = 'POST /users'
+             LIMIT 1",
+            &[&id],
+        )
+        .await?
+        .is_some())
+}

@@ -1,0 +1,25 @@
+//! The state every handler shares.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use platform::config::Topics;
+use rdkafka::producer::FutureProducer;
+
+use crate::config::Fault;
+
+/// Shared by every request: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Connections to the projection and the command log.
+    pub pool: Pool,
+    /// The event producer (idempotent, acks=all).
+    pub producer: FutureProducer,
+    /// Event topic names.
+    pub topics: Arc<Topics>,
+    /// Injected failure, tests only.
+    pub fault: Option<Fault>,
+}
+
+/// `ce_source` of the events this service produces.
+pub const EVENT_SOURCE: &str = "/catalog/api";

@@ -1,0 +1,43 @@
+//! The projector's configuration: environment variables with defaults, one doc line each.
+
+use std::time::Duration;
+
+use platform::config::{DbConfig, KafkaConfig, LogConfig};
+
+/// Everything the projector process needs to start.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "catalog-projector",
+    about = "Projects catalog events into PostgreSQL"
+)]
+pub struct Config {
+    /// Consumer group; every projector process of one deployment shares it, and its offsets in
+    /// `projection_offsets` are kept under this name.
+    #[arg(long, env = "PROJECTOR_GROUP_ID", default_value = "catalog-projector")]
+    pub group_id: String,
+    /// Most events applied in one PostgreSQL transaction.
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Longest wait for more events once a batch has its first one, in milliseconds.
+    #[arg(long, env = "PROJECTOR_BATCH_WAIT_MS", default_value_t = 20)]
+    pub batch_wait_ms: u64,
+    /// Apply pending SQL migrations at start-up.
+    #[arg(long, env = "RUN_MIGRATIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub run_migrations: bool,
+    /// PostgreSQL settings.
+    #[command(flatten)]
+    pub db: DbConfig,
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Batch wait.
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+}

@@ -1,0 +1,439 @@
+//! Applies a batch of consumed messages to the projection in one PostgreSQL transaction.
+//!
+//! Exactly-once on top of at-least-once delivery:
+//! - the next offset of every partition is stored in `projection_offsets` in the same transaction as the
+//!   rows, and messages below it are skipped, so a batch re-delivered after a crash changes nothing;
+//! - each row carries the sequence of the last event applied, and an event is applied only if it is the
+//!   next one (`events::ProductState::apply`), so a re-sent event (same id, same sequence) is ignored;
+//! - an event that arrives before its predecessor is parked and applied as soon as the gap closes;
+//! - a message that cannot be read is recorded in `projection_rejected` with the reason, never dropped.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use events::{AnyEnvelope, ApplyError, Envelope, ProductEvent, ProductState, UserEvent, UserState};
+use platform::read_model::{
+    PRODUCT_COLUMNS, USER_COLUMNS, product_from_row, upsert_product, upsert_user, user_from_row,
+};
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use tokio_postgres::Transaction;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use crate::position::Positions;
+
+/// What a batch did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Events applied to a row.
+    pub applied: usize,
+    /// Messages below the stored offset, or events already applied.
+    pub duplicates: usize,
+    /// Events waiting for an earlier event of their stream.
+    pub parked: usize,
+    /// Messages recorded in `projection_rejected`.
+    pub rejected: usize,
+}
+
+/// A stream's state while a batch is applied, with the events parked for it.
+struct Stream<S> {
+    state: Option<S>,
+    dirty: bool,
+    parked: BTreeMap<u64, serde_json::Value>,
+    parked_added: HashSet<u64>,
+    parked_removed: HashSet<u64>,
+}
+
+impl<S> Default for Stream<S> {
+    fn default() -> Self {
+        Self {
+            state: None,
+            dirty: false,
+            parked: BTreeMap::new(),
+            parked_added: HashSet::new(),
+            parked_removed: HashSet::new(),
+        }
+    }
+}
+
+/// The state type of an aggregate, so one driver handles users and products.
+trait Fold: Sized + Clone {
+    type Event: events::DomainEvent;
+    fn create(envelope: &Envelope<Self::Event>) -> Result<Self, ApplyError>;
+    fn apply(&mut self, envelope: &Envelope<Self::Event>) -> Result<(), ApplyError>;
+    fn version(&self) -> u64;
+}
+
+impl Fold for ProductState {
+    type Event = ProductEvent;
+    fn create(envelope: &Envelope<ProductEvent>) -> Result<Self, ApplyError> {
+        ProductState::create(envelope)
+    }
+    fn apply(&mut self, envelope: &Envelope<ProductEvent>) -> Result<(), ApplyError> {
+        ProductState::apply(self, envelope)
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Fold for UserState {
+    type Event = UserEvent;
+    fn create(envelope: &Envelope<UserEvent>) -> Result<Self, ApplyError> {
+        UserState::create(envelope)
+    }
+    fn apply(&mut self, envelope: &Envelope<UserEvent>) -> Result<(), ApplyError> {
+        UserState::apply(self, envelope)
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// What happened to one event offered to a stream.
+enum Step {
+    Applied,
+    Duplicate,
+    Parked,
+    Rejected(ApplyError),
+}
+
+impl<S: Fold> Stream<S> {
+    fn offer(&mut self, envelope: &Envelope<S::Event>) -> Step {
+        let result = match &mut self.state {
+            None => S::create(envelope).map(|s| self.state = Some(s)),
+            Some(state) => state.apply(envelope),
+        };
+        match result {
+            Ok(()) => {
+                self.dirty = true;
+                Step::Applied
+            }
+            Err(ApplyError::AlreadyApplied { .. }) => Step::Duplicate,
+            Err(ApplyError::Gap { .. } | ApplyError::NotACreation(_)) => {
+                let sequence = envelope.sequence;
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    self.parked.entry(sequence)
+                {
+                    slot.insert(
+                        serde_json::to_value(envelope.to_wire()).expect("envelope serialises"),
+                    );
+                    self.parked_added.insert(sequence);
+                    self.parked_removed.remove(&sequence);
+                }
+                Step::Parked
+            }
+            Err(e @ ApplyError::NotFirst(_)) => Step::Rejected(e),
+        }
+    }
+
+    /// Applies parked events that are now next in line.
+    fn drain_parked(&mut self, report: &mut BatchReport) {
+        loop {
+            let next = self.version() + 1;
+            let Some(json) = self.parked.remove(&next) else {
+                return;
+            };
+            self.parked_added.remove(&next);
+            self.parked_removed.insert(next);
+            let Ok(envelope) = serde_json::from_value::<events::WireEnvelope>(json)
+                .map_err(events::DecodeError::from)
+                .and_then(Envelope::<S::Event>::from_wire)
+            else {
+                continue;
+            };
+            if matches!(self.offer(&envelope), Step::Applied) {
+                report.applied += 1;
+                report.parked = report.parked.saturating_sub(1);
+            }
+        }
+    }
+
+    fn version(&self) -> u64 {
+        self.state.as_ref().map_or(0, S::version)
+    }
+}
+
+/// Applies `batch` (messages in consumption order) inside `tx` and records the new offsets.
+///
+/// Returns what it did and the positions now stored (every partition of this consumer).
+pub async fn apply_batch(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    batch: &[OwnedMessage],
+) -> Result<(BatchReport, Positions), tokio_postgres::Error> {
+    let mut report = BatchReport::default();
+    let stored = stored_positions(tx, consumer).await?;
+
+    // Decode what is new; remember the next offset per partition.
+    let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
+    let mut decoded = Vec::with_capacity(batch.len());
+    for message in batch {
+        let tp = (message.topic().to_owned(), message.partition());
+        let next = next_offsets
+            .entry(tp.clone())
+            .or_insert(message.offset() + 1);
+        *next = (*next).max(message.offset() + 1);
+        if stored.get(&tp).is_some_and(|&n| message.offset() < n) {
+            report.duplicates += 1;
+            continue;
+        }
+        let result = message
+            .payload()
+            .ok_or_else(|| "message has no payload".to_owned())
+            .and_then(|p| AnyEnvelope::from_json(p).map_err(|e| e.to_string()));
+        decoded.push((message, result));
+    }
+
+    let product_ids: Vec<Uuid> = ids(&decoded, |e| matches!(e, AnyEnvelope::Product(_)));
+    let user_ids: Vec<Uuid> = ids(&decoded, |e| matches!(e, AnyEnvelope::User(_)));
+    let mut products: HashMap<Uuid, Stream<ProductState>> = load(
+        tx,
+        "products",
+        PRODUCT_COLUMNS,
+        &product_ids,
+        product_from_row,
+        |p| p.id,
+    )
+    .await?;
+    let mut users: HashMap<Uuid, Stream<UserState>> =
+        load(tx, "users", USER_COLUMNS, &user_ids, user_from_row, |u| {
+            u.id
+        })
+        .await?;
+    load_parked(tx, &product_ids, &mut products).await?;
+    load_parked(tx, &user_ids, &mut users).await?;
+
+    for (message, result) in decoded {
+        let envelope = match result {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                reject(tx, consumer, message, &reason).await?;
+                report.rejected += 1;
+                continue;
+            }
+        };
+        let kind = envelope.kind();
+        let span = tracing::info_span!(
+            "projector.event",
+            kafka.topic = message.topic(),
+            kafka.partition = message.partition(),
+            kafka.offset = message.offset(),
+            event.r#type = kind.event_type,
+            event.aggregate_id = %kind.aggregate_id,
+            event.sequence = kind.sequence,
+        );
+        let _entered = span.enter();
+        let step = match &envelope {
+            AnyEnvelope::Product(e) => {
+                offer(products.entry(e.aggregate_id).or_default(), e, &mut report)
+            }
+            AnyEnvelope::User(e) => offer(users.entry(e.aggregate_id).or_default(), e, &mut report),
+        };
+        match step {
+            Step::Applied => tracing::debug!("event applied"),
+            Step::Duplicate => {
+                report.duplicates += 1;
+                tracing::debug!("event already applied; ignored");
+            }
+            Step::Parked => {
+                report.parked += 1;
+                tracing::warn!("event arrived before its predecessor; parked");
+            }
+            Step::Rejected(e) => {
+                drop(_entered);
+                reject(tx, consumer, message, &e.to_string()).await?;
+                report.rejected += 1;
+            }
+        }
+    }
+
+    for stream in products.values() {
+        if let (true, Some(state)) = (stream.dirty, &stream.state) {
+            upsert_product(tx, state).await?;
+        }
+    }
+    for stream in users.values() {
+        if let (true, Some(state)) = (stream.dirty, &stream.state) {
+            upsert_user(tx, state).await?;
+        }
+    }
+    save_parked(tx, &products).await?;
+    save_parked(tx, &users).await?;
+
+    let mut positions = stored;
+    for ((topic, partition), next) in next_offsets {
+        let position = positions.entry((topic.clone(), partition)).or_insert(next);
+        *position = (*position).max(next);
+        tx.execute(
+            "INSERT INTO projection_offsets (consumer, topic, partition, next_offset)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, topic, partition) DO UPDATE
+                SET next_offset = GREATEST(projection_offsets.next_offset, EXCLUDED.next_offset),
+                    updated_at = now()",
+            &[&consumer, &topic, &partition, &next],
+        )
+        .await?;
+    }
+    Ok((report, positions))
+}
+
+/// The next offset of every partition `consumer` has applied, as stored.
+pub async fn stored_positions(
+    client: &impl tokio_postgres::GenericClient,
+    consumer: &str,
+) -> Result<Positions, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT topic, partition, next_offset FROM projection_offsets WHERE consumer = $1",
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+fn offer<S: Fold>(
+    stream: &mut Stream<S>,
+    envelope: &Envelope<S::Event>,
+    report: &mut BatchReport,
+) -> Step {
+    let step = stream.offer(envelope);
+    if matches!(step, Step::Applied) {
+        report.applied += 1;
+        stream.drain_parked(report);
+    }
+    step
+}
+
+fn ids(
+    decoded: &[(&OwnedMessage, Result<AnyEnvelope, String>)],
+    pick: impl Fn(&AnyEnvelope) -> bool,
+) -> Vec<Uuid> {
+    let set: HashSet<Uuid> = decoded
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter(|e| pick(e))
+        .map(|e| e.kind().aggregate_id)
+        .collect();
+    set.into_iter().collect()
+}
+
+async fn load<S>(
+    tx: &Transaction<'_>,
+    table: &str,
+    columns: &str,
+    ids: &[Uuid],
+    from_row: fn(&tokio_postgres::Row) -> S,
+    id_of: fn(&S) -> Uuid,
+) -> Result<HashMap<Uuid, Stream<S>>, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // FOR UPDATE: during a rebalance two projectors may briefly hold the same partition; the second
+    // waits here and then sees the first one's rows, so it recognises the events as applied.
+    let rows = tx
+        .query(
+            &format!("SELECT {columns} FROM {table} WHERE id = ANY($1) FOR UPDATE"),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let state = from_row(row);
+            (
+                id_of(&state),
+                Stream {
+                    state: Some(state),
+                    ..Stream::default()
+                },
+            )
+        })
+        .collect())
+}
+
+async fn load_parked<S>(
+    tx: &Transaction<'_>,
+    ids: &[Uuid],
+    streams: &mut HashMap<Uuid, Stream<S>>,
+) -> Result<(), tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for row in tx
+        .query(
+            "SELECT aggregate_id, sequence, envelope FROM projection_parked_events
+              WHERE aggregate_id = ANY($1) FOR UPDATE",
+            &[&ids],
+        )
+        .await?
+    {
+        let sequence = u64::try_from(row.get::<_, i64>(1)).unwrap_or_default();
+        let Json(envelope): Json<serde_json::Value> = row.get(2);
+        streams
+            .entry(row.get(0))
+            .or_default()
+            .parked
+            .insert(sequence, envelope);
+    }
+    Ok(())
+}
+
+async fn save_parked<S>(
+    tx: &Transaction<'_>,
+    streams: &HashMap<Uuid, Stream<S>>,
+) -> Result<(), tokio_postgres::Error> {
+    for (id, stream) in streams {
+        for sequence in &stream.parked_removed {
+            let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
+            tx.execute(
+                "DELETE FROM projection_parked_events WHERE aggregate_id = $1 AND sequence = $2",
+                &[id, &sequence],
+            )
+            .await?;
+        }
+        for sequence in &stream.parked_added {
+            let envelope = &stream.parked[sequence];
+            let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO projection_parked_events (aggregate_id, sequence, envelope)
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[id, &sequence, &Json(envelope)],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn reject(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    message: &OwnedMessage,
+    reason: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tracing::error!(
+        kafka.topic = message.topic(),
+        kafka.partition = message.partition(),
+        kafka.offset = message.offset(),
+        reason,
+        "message cannot be projected; kept in projection_rejected"
+    );
+    tx.execute(
+        "INSERT INTO projection_rejected (consumer, topic, partition, \"offset\", key, payload, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        &[
+            &consumer,
+            &message.topic(),
+            &message.partition(),
+            &message.offset(),
+            &message.key(),
+            &message.payload(),
+            &reason,
+        ],
+    )
+    .await?;
+    Ok(())
+}

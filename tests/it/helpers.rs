@@ -1,0 +1,357 @@
+//! Test harness: an isolated environment (schema + topic prefix) and the services started in-process
+//! with the same `run` functions their binaries call.
+
+use std::time::Duration;
+
+use clap::Parser;
+use platform::config::{DbConfig, KafkaConfig};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// Where the test broker listens.
+pub fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// One test's private corner of the shared servers.
+pub struct TestEnv {
+    /// PostgreSQL schema of this test.
+    pub schema: String,
+    /// Topic prefix of this test.
+    pub prefix: String,
+}
+
+/// Arguments common to every service of a test environment.
+fn common_args(env: &TestEnv) -> Vec<String> {
+    [
+        "--db-name",
+        "catalog_test",
+        "--db-schema",
+        &env.schema,
+        "--db-pool-size",
+        "8",
+        "--kafka-brokers",
+        &brokers(),
+        "--kafka-topic-prefix",
+        &env.prefix,
+        "--kafka-topic-partitions",
+        "3",
+        "--kafka-producer-batch-messages",
+        "1",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+impl TestEnv {
+    /// A fresh schema (migrated) and topic prefix (topics created).
+    pub async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let id = Uuid::new_v4().simple().to_string();
+        let env = Self {
+            schema: format!("t_{}", &id[..16]),
+            prefix: format!("t{}.", &id[..16]),
+        };
+        let db = env.db();
+        platform::db::ensure_database(&db)
+            .await
+            .expect("PostgreSQL must run on 127.0.0.1:5432 (trust auth)");
+        platform::db::migrate(&db).await.expect("migrations apply");
+        platform::kafka::ensure_topics(&env.kafka())
+            .await
+            .expect("the test broker must run (just test starts it)");
+        env
+    }
+
+    /// Database settings of this environment.
+    pub fn db(&self) -> DbConfig {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            db: DbConfig,
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        Cli::parse_from(std::iter::once("x".to_owned()).chain(common_args(self))).db
+    }
+
+    /// Kafka settings of this environment.
+    pub fn kafka(&self) -> KafkaConfig {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            db: DbConfig,
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        Cli::parse_from(std::iter::once("x".to_owned()).chain(common_args(self))).kafka
+    }
+
+    /// API settings: port chosen by the OS, fast outbox relay.
+    pub fn api_config(&self) -> api::Config {
+        let mut args = vec!["catalog-api".to_owned()];
+        args.extend(common_args(self));
+        args.extend(
+            ["--outbox-interval-ms", "200", "--outbox-grace-ms", "500"]
+                .iter()
+                .map(|s| (*s).to_owned()),
+        );
+        api::Config::parse_from(args)
+    }
+
+    /// Projector settings.
+    pub fn projector_config(&self) -> projector::Config {
+        let mut args = vec!["catalog-projector".to_owned()];
+        args.extend(common_args(self));
+        args.extend(["--group-id".to_owned(), format!("{}projector", self.prefix)]);
+        projector::Config::parse_from(args)
+    }
+
+    /// A connection to this environment's schema.
+    pub async fn pg(&self) -> deadpool_postgres::Object {
+        let pool = platform::db::pool(&self.db()).unwrap();
+        pool.get().await.unwrap()
+    }
+
+    /// Starts the API with `config` on a free port.
+    pub async fn spawn_api_with(&self, config: api::Config) -> TestApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            api::run(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("api runs");
+        });
+        let api = TestApi {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        };
+        eventually("API answers /healthz", || async {
+            api.http
+                .get(api.url("/healthz"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        })
+        .await;
+        api
+    }
+
+    /// Starts the API with this environment's settings.
+    pub async fn spawn_api(&self) -> TestApi {
+        self.spawn_api_with(self.api_config()).await
+    }
+
+    /// Starts a projector; abort the handle to simulate a crash.
+    pub fn spawn_projector_with(&self, config: projector::Config) -> TestProjector {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            projector::run(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("projector runs");
+        });
+        TestProjector {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Starts a projector with this environment's settings.
+    pub fn spawn_projector(&self) -> TestProjector {
+        self.spawn_projector_with(self.projector_config())
+    }
+
+    /// Every message of the products topic, read from the beginning by a throw-away group, until
+    /// `done` holds for what was read (or the deadline passes).
+    pub async fn read_products_topic(
+        &self,
+        done: impl Fn(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
+        let consumer: StreamConsumer = platform::kafka::consumer(
+            &self.kafka(),
+            &format!("{}reader-{}", self.prefix, Uuid::new_v4().simple()),
+            "test-reader",
+        )
+        .unwrap();
+        consumer
+            .subscribe(&[&self.kafka().topics().products])
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut messages = Vec::new();
+        while !done(&messages) {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => messages.push(m.detach()),
+                Ok(Err(e)) => panic!("consume error: {e}"),
+                Err(_) => break,
+            }
+        }
+        close(consumer).await;
+        messages
+    }
+
+    /// Drops the test's schema (topics are left: the broker is per test run and in memory).
+    pub async fn cleanup(self) {
+        let client = self.pg().await;
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .await;
+    }
+}
+
+/// Closes a consumer without letting a slow leave-group block the test runtime.
+pub async fn close(consumer: StreamConsumer) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || drop(consumer)),
+    )
+    .await;
+}
+
+/// A running API.
+pub struct TestApi {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// A client for it.
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestApi {
+    /// Full URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Registers a user and returns its id.
+    pub async fn create_user(&self) -> String {
+        let email = format!("{}@example.com", Uuid::new_v4().simple());
+        let response = self
+            .post(
+                "/users",
+                &serde_json::json!({"name": "Ada", "email": email}),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+
+    /// Abrupt stop, as on SIGKILL: nothing more runs.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// A running projector.
+pub struct TestProjector {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestProjector {
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+
+    /// Abrupt stop: the task is dropped wherever it is, as a killed process would be.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics after 30 s naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of header `name` of a message, as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Messages whose key is `id`.
+pub fn keyed<'a>(messages: &'a [OwnedMessage], id: &str) -> Vec<&'a OwnedMessage> {
+    messages
+        .iter()
+        .filter(|m| m.key() == Some(id.as_bytes()))
+        .collect()
+}
+
+/// A valid product body for `user_id`.
+pub fn product_body(user_id: &str) -> Value {
+    serde_json::json!({
+        "user_id": user_id,
+        "product_name": "Walnut desk",
+        "product_description": "Solid walnut, 140 x 70 cm.",
+        "product_images": ["https://images.example.com/desk-front.jpg", "https://images.example.com/desk-side.jpg"],
+        "product_price": "349.90",
+    })
+}

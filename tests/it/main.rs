@@ -1,0 +1,12 @@
+//! End-to-end tests of the catalog against the real PostgreSQL, Redis and Kafka-protocol broker.
+//!
+//! Each test gets its own PostgreSQL schema and its own topic prefix (see `helpers`), so tests run in
+//! parallel. `just test` starts the broker; `TEST_KAFKA_BROKERS` points elsewhere if needed.
+
+// Helpers are `pub` for the sibling test modules; nothing here is reachable from outside.
+#![allow(unreachable_pub)]
+
+mod api;
+mod compose;
+mod helpers;
+mod projector;

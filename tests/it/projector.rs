@@ -1,0 +1,216 @@
+//! The projector: exactly-once application over at-least-once delivery.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use events::{
+    AnyEnvelope, Decimal, Envelope, ImageRef, ImagesRequested, ProductCreated, ProductEvent,
+};
+use futures::future::join_all;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, eventually};
+
+fn product_stream(id: Uuid) -> [Envelope<ProductEvent>; 2] {
+    let now = Utc::now();
+    [
+        Envelope::new(
+            id,
+            1,
+            now,
+            None,
+            ProductEvent::Created(ProductCreated {
+                user_id: Uuid::nil(),
+                product_name: format!("product {id}"),
+                product_description: String::new(),
+                product_price: Decimal::new(1999, 2),
+                product_images: vec!["https://x.example/a.jpg".into()],
+            }),
+        ),
+        Envelope::new(
+            id,
+            2,
+            now,
+            None,
+            ProductEvent::ImagesRequested(ImagesRequested {
+                images: vec![ImageRef {
+                    position: 0,
+                    url: "https://x.example/a.jpg".into(),
+                }],
+            }),
+        ),
+    ]
+}
+
+async fn send_all(producer: &FutureProducer, topic: &str, payloads: &[(String, Vec<u8>)]) {
+    for chunk in payloads.chunks(500) {
+        let sends = chunk.iter().map(|(key, payload)| {
+            producer.send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+        });
+        for result in join_all(sends).await {
+            result.expect("broker acknowledged");
+        }
+    }
+}
+
+fn encode(envelopes: &[Envelope<ProductEvent>]) -> Vec<(String, Vec<u8>)> {
+    envelopes
+        .iter()
+        .map(|e| (e.aggregate_id.to_string(), e.to_json()))
+        .collect()
+}
+
+async fn count(client: &deadpool_postgres::Object, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events() {
+    const PRODUCTS: usize = 400;
+    let env = TestEnv::new().await;
+    let topic = env.kafka().topics().products;
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+
+    let ids: Vec<Uuid> = (0..PRODUCTS).map(|_| Uuid::now_v7()).collect();
+    let streams: Vec<Envelope<ProductEvent>> =
+        ids.iter().flat_map(|id| product_stream(*id)).collect();
+    let mut payloads = encode(&streams);
+    // At-least-once upstream: every 10th event is delivered twice.
+    let duplicates: Vec<_> = payloads.iter().step_by(10).cloned().collect();
+    payloads.extend(duplicates.iter().cloned());
+    send_all(&producer, &topic, &payloads).await;
+
+    let mut config = env.projector_config();
+    config.batch_size = 10;
+    let client = env.pg().await;
+    let first = env.spawn_projector_with(config.clone());
+    let at_kill = eventually("the projector has written some rows", || async {
+        let n = count(&client, "SELECT count(*) FROM products").await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    first.kill().await;
+    assert!(
+        at_kill < PRODUCTS as i64,
+        "the projector should be killed mid-stream (had {at_kill} of {PRODUCTS})"
+    );
+
+    let second = env.spawn_projector_with(config);
+    eventually("every product is projected at version 2", || async {
+        let done = count(&client, "SELECT count(*) FROM products WHERE version = 2").await;
+        (done == PRODUCTS as i64).then_some(())
+    })
+    .await;
+    // Wait for the position to reach the end of the topic, then check nothing was doubled.
+    let total = payloads.len() as i64;
+    eventually("stored offsets reach the end of the topic", || async {
+        let next: i64 = client
+            .query_one(
+                "SELECT COALESCE(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (next == total).then_some(())
+    })
+    .await;
+    second.stop().await;
+
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM products").await,
+        PRODUCTS as i64
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM products WHERE version <> 2").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM products WHERE jsonb_array_length(images) <> 1"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_rejected").await,
+        0
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_parked_events").await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_early_event_waits_for_its_predecessor_and_garbage_is_kept_not_dropped() {
+    let env = TestEnv::new().await;
+    let topic = env.kafka().topics().products;
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    let id = Uuid::now_v7();
+    let [created, requested] = product_stream(id);
+    let key = id.to_string();
+
+    // ImagesRequested first (as if ProductCreated had been lost and re-sent later), then garbage.
+    send_all(&producer, &topic, &encode(std::slice::from_ref(&requested))).await;
+    send_all(&producer, &topic, &[(key.clone(), b"{not json".to_vec())]).await;
+    let projector = env.spawn_projector();
+    let client = env.pg().await;
+    eventually("ImagesRequested is parked", || async {
+        (count(&client, "SELECT count(*) FROM projection_parked_events").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count(&client, "SELECT count(*) FROM products").await, 0);
+
+    send_all(&producer, &topic, &encode(std::slice::from_ref(&created))).await;
+    eventually(
+        "the product reaches version 2 once its first event arrives",
+        || async {
+            let v = client
+                .query_opt("SELECT version FROM products WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .map(|r| r.get::<_, i64>(0));
+            (v == Some(2)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_parked_events").await,
+        0
+    );
+
+    let rejected = client
+        .query_one("SELECT reason, payload FROM projection_rejected", &[])
+        .await
+        .unwrap();
+    let reason: String = rejected.get(0);
+    assert!(reason.contains("malformed"), "{reason}");
+    assert_eq!(rejected.get::<_, Vec<u8>>(1), b"{not json");
+
+    // The stored product decodes back to what a fold of its events gives.
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT {} FROM products WHERE id = $1",
+                platform::read_model::PRODUCT_COLUMNS
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let expected = events::ProductState::fold([&created, &requested])
+        .unwrap()
+        .unwrap();
+    assert_eq!(platform::read_model::product_from_row(&row), expected);
+    let _ = AnyEnvelope::Product(created);
+
+    projector.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,1 @@
+//! Holds the end-to-end test binary `it`; see `it/main.rs`.
