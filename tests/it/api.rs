@@ -27,16 +27,11 @@ async fn a_created_product_is_readable_after_projection() {
     assert_eq!(created["images"][1]["status"], "pending");
     assert_eq!(created["compressed_product_images"], json!([]));
 
-    let read: Value = eventually("the product is projected at version 2", || async {
-        let r = api.get(&location).await;
-        let body: Value = if r.status() == 200 {
-            r.json().await.ok()?
-        } else {
-            return None;
-        };
-        (body["version"] == 2).then_some(body)
-    })
-    .await;
+    // Read-your-writes: a GET right after the POST waits for the projection to reach the version the
+    // POST answered, so no polling is needed.
+    let r = api.get(&location).await;
+    assert_eq!(r.status(), 200);
+    let read: Value = r.json().await.unwrap();
     assert_eq!(
         read, created,
         "GET answers the product as POST said it would read back"
@@ -353,6 +348,32 @@ async fn bad_requests_get_clear_errors_naming_the_field() {
     let r = api.http.delete(api.url("/products")).send().await.unwrap();
     assert_eq!(r.status(), 405);
 
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_read_waits_for_the_projection_only_for_a_bounded_time() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.read_wait_ms = 300;
+    let api = env.spawn_api_with(config).await;
+    // No projector runs: the user is accepted but never projected.
+    let user_id = api.create_user().await;
+    let started = std::time::Instant::now();
+    let r = api.get(&format!("/users/{user_id}")).await;
+    assert_eq!(r.status(), 404);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it waited for the projection"
+    );
+    // A product for the accepted-but-unprojected user is still accepted.
+    assert_eq!(
+        api.post("/products", &product_body(&user_id))
+            .await
+            .status(),
+        201
+    );
     api.stop().await;
     env.cleanup().await;
 }

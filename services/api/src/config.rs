@@ -21,6 +21,10 @@ pub struct Config {
     /// Longest a request may take before it is answered 503, in milliseconds.
     #[arg(long, env = "API_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
     pub request_timeout_ms: u64,
+    /// How long `GET /products/{id}` and `GET /users/{id}` wait for the projection to catch up with a
+    /// command this API accepted (read-your-writes), in milliseconds.
+    #[arg(long, env = "API_READ_WAIT_MS", default_value_t = 2_000)]
+    pub read_wait_ms: u64,
     /// How often the outbox relay looks for commands whose events were not all acknowledged, in ms.
     #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 5_000)]
     pub outbox_interval_ms: u64,

@@ -150,6 +150,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         pool,
         producer,
         topics: Arc::new(config.kafka.topics()),
+        read_wait: Duration::from_millis(config.read_wait_ms),
         fault: config.fault,
     })
 }

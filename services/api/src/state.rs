@@ -17,6 +17,8 @@ pub struct AppState {
     pub producer: FutureProducer,
     /// Event topic names.
     pub topics: Arc<Topics>,
+    /// How long a read waits for the projection to reach a version this API accepted.
+    pub read_wait: std::time::Duration,
     /// Injected failure, tests only.
     pub fault: Option<Fault>,
 }

@@ -41,3 +41,39 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }
+
+/// Reads a projected row, waiting (up to `state.read_wait`) until it reaches the version this API
+/// accepted for it, if it accepted one: read-your-writes for clients that GET right after a POST.
+///
+/// `sql` selects the row's columns followed by the accepted version, with `$1` the id; it yields one row
+/// whose first column is NULL while the row is not projected.
+pub(crate) async fn read_projected<T>(
+    state: &crate::state::AppState,
+    sql: &str,
+    id: Uuid,
+    from_row: fn(&tokio_postgres::Row) -> T,
+    version_of: fn(&T) -> u64,
+) -> Result<Option<T>, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.read_wait;
+    let client = state.pool.get().await?;
+    let statement = client.prepare_cached(sql).await?;
+    loop {
+        let row = client.query_one(&statement, &[&id]).await?;
+        let accepted: Option<i64> = row.get(row.len() - 1);
+        let projected = row
+            .get::<_, Option<Uuid>>(0)
+            .is_some()
+            .then(|| from_row(&row));
+        let caught_up = match (&projected, accepted) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(value), Some(version)) => {
+                version_of(value) >= u64::try_from(version).unwrap_or(0)
+            }
+        };
+        if caught_up || tokio::time::Instant::now() >= deadline {
+            return Ok(projected);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

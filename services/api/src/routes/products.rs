@@ -15,7 +15,7 @@ use platform::read_model::{PRODUCT_COLUMNS, product_from_row};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{idempotency_key, path_id, request_id};
+use super::{idempotency_key, path_id, read_projected, request_id};
 use crate::commands::{self, Command, Outcome};
 use crate::domain::{FieldError, NewProduct, Price};
 use crate::error::ApiError;
@@ -143,17 +143,15 @@ async fn get_product(
     Path(id): Path<String>,
 ) -> Result<Json<ProductState>, ApiError> {
     let id = path_id(&id)?;
-    let client = state.pool.get().await?;
-    let statement = client
-        .prepare_cached(&format!(
-            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
-        ))
-        .await?;
-    let row = client
-        .query_opt(&statement, &[&id])
+    let sql = format!(
+        "SELECT {PRODUCT_COLUMNS},
+                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
+           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN products ON products.id = w.wanted"
+    );
+    read_projected(&state, &sql, id, product_from_row, |p| p.version)
         .await?
-        .ok_or(ApiError::NotFound("product"))?;
-    Ok(Json(product_from_row(&row)))
+        .map(Json)
+        .ok_or(ApiError::NotFound("product"))
 }
 
 /// Validated filters of the product list.

@@ -10,7 +10,7 @@ use events::{Envelope, UserEvent, UserRegistered, UserState};
 use platform::read_model::{USER_COLUMNS, user_from_row};
 use uuid::Uuid;
 
-use super::{idempotency_key, path_id, request_id};
+use super::{idempotency_key, path_id, read_projected, request_id};
 use crate::commands::{self, Command, Outcome};
 use crate::domain::{FieldError, NewUser};
 use crate::error::ApiError;
@@ -109,15 +109,15 @@ async fn get_user(
     Path(id): Path<String>,
 ) -> Result<Json<UserState>, ApiError> {
     let id = path_id(&id)?;
-    let client = state.pool.get().await?;
-    let row = client
-        .query_opt(
-            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"),
-            &[&id],
-        )
+    let sql = format!(
+        "SELECT {USER_COLUMNS},
+                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
+           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN users ON users.id = w.wanted"
+    );
+    read_projected(&state, &sql, id, user_from_row, |u| u.version)
         .await?
-        .ok_or(ApiError::NotFound("user"))?;
-    Ok(Json(user_from_row(&row)))
+        .map(Json)
+        .ok_or(ApiError::NotFound("user"))
 }
 
 /// Whether `id` names a user: projected, or accepted by this API and not yet projected.
