@@ -75,8 +75,7 @@ impl TestEnv {
         env
     }
 
-    /// Database settings of this environment.
-    pub fn db(&self) -> DbConfig {
+    fn settings(&self) -> (DbConfig, KafkaConfig) {
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
@@ -84,19 +83,18 @@ impl TestEnv {
             #[command(flatten)]
             kafka: KafkaConfig,
         }
-        Cli::parse_from(std::iter::once("x".to_owned()).chain(common_args(self))).db
+        let cli = Cli::parse_from(std::iter::once("x".to_owned()).chain(common_args(self)));
+        (cli.db, cli.kafka)
+    }
+
+    /// Database settings of this environment.
+    pub fn db(&self) -> DbConfig {
+        self.settings().0
     }
 
     /// Kafka settings of this environment.
     pub fn kafka(&self) -> KafkaConfig {
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            db: DbConfig,
-            #[command(flatten)]
-            kafka: KafkaConfig,
-        }
-        Cli::parse_from(std::iter::once("x".to_owned()).chain(common_args(self))).kafka
+        self.settings().1
     }
 
     /// API settings: port chosen by the OS, fast outbox relay.

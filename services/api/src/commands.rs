@@ -11,6 +11,9 @@
 
 use std::time::Duration;
 
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -47,6 +50,31 @@ pub(crate) enum Outcome {
     Created(Value),
     /// A retry of an earlier command: its stored response.
     Replayed(Value),
+}
+
+impl Outcome {
+    /// `201 Created` with the body and `Location: {collection}/{id}`; a replay is marked with
+    /// `idempotent-replayed: true`.
+    pub(crate) fn respond(self, collection: &str) -> Response {
+        let (body, replayed) = match self {
+            Outcome::Created(body) => (body, false),
+            Outcome::Replayed(body) => (body, true),
+        };
+        let location = format!("{collection}/{}", body["id"].as_str().unwrap_or_default());
+        let mut response = (
+            StatusCode::CREATED,
+            [(header::LOCATION, location)],
+            Json(body),
+        )
+            .into_response();
+        if replayed {
+            response.headers_mut().insert(
+                "idempotent-replayed",
+                header::HeaderValue::from_static("true"),
+            );
+        }
+        response
+    }
 }
 
 /// The fingerprint of a request: route plus body with keys sorted and whitespace dropped.

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -16,7 +16,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, read_projected, request_id};
-use crate::commands::{self, Command, Outcome};
+use crate::commands::{self, Command};
 use crate::domain::{FieldError, NewProduct, Price};
 use crate::error::ApiError;
 use crate::extract::JsonFields;
@@ -47,7 +47,7 @@ async fn create_product(
     let hash = commands::request_hash(ROUTE, &body.bytes);
     if let Some(key) = &key {
         if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
-            return Ok(respond(outcome));
+            return Ok(outcome.respond("/products"));
         }
     }
     if !user_exists(&state, new.user_id).await? {
@@ -67,7 +67,9 @@ async fn create_product(
         response: serde_json::to_value(&product).expect("product serialises"),
         email_claim: None,
     };
-    Ok(respond(commands::execute(&state, command).await?))
+    Ok(commands::execute(&state, command)
+        .await?
+        .respond("/products"))
 }
 
 /// The two events of a new product, and the state they fold to.
@@ -114,27 +116,6 @@ fn product_events(
         .map(|e| String::from_utf8(e.to_json()).expect("JSON is UTF-8"))
         .collect();
     Ok((events, product))
-}
-
-fn respond(outcome: Outcome) -> Response {
-    let (body, replayed) = match outcome {
-        Outcome::Created(body) => (body, false),
-        Outcome::Replayed(body) => (body, true),
-    };
-    let location = format!("/products/{}", body["id"].as_str().unwrap_or_default());
-    let mut response = (
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(body),
-    )
-        .into_response();
-    if replayed {
-        response.headers_mut().insert(
-            "idempotent-replayed",
-            header::HeaderValue::from_static("true"),
-        );
-    }
-    response
 }
 
 /// A product from the projection, with its images' status and stored variants.

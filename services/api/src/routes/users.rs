@@ -1,8 +1,8 @@
 //! `POST /users`, `GET /users/{id}`.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
@@ -11,7 +11,7 @@ use platform::read_model::{USER_COLUMNS, user_from_row};
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, read_projected, request_id};
-use crate::commands::{self, Command, Outcome};
+use crate::commands::{self, Command};
 use crate::domain::{FieldError, NewUser};
 use crate::error::ApiError;
 use crate::extract::JsonFields;
@@ -36,7 +36,7 @@ async fn create_user(
     let hash = commands::request_hash(ROUTE, &body.bytes);
     if let Some(key) = &key {
         if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
-            return Ok(respond(outcome));
+            return Ok(outcome.respond("/users"));
         }
     }
     let email_lower = new.email.to_lowercase();
@@ -67,28 +67,7 @@ async fn create_user(
         response: serde_json::to_value(&user).expect("user serialises"),
         email_claim: Some(email_lower),
     };
-    Ok(respond(commands::execute(&state, command).await?))
-}
-
-fn respond(outcome: Outcome) -> Response {
-    let (body, replayed) = match outcome {
-        Outcome::Created(body) => (body, false),
-        Outcome::Replayed(body) => (body, true),
-    };
-    let location = format!("/users/{}", body["id"].as_str().unwrap_or_default());
-    let mut response = (
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(body),
-    )
-        .into_response();
-    if replayed {
-        response.headers_mut().insert(
-            "idempotent-replayed",
-            header::HeaderValue::from_static("true"),
-        );
-    }
-    response
+    Ok(commands::execute(&state, command).await?.respond("/users"))
 }
 
 /// Whether a projected user already has this address (the claim table covers unprojected ones).
