@@ -109,7 +109,8 @@ pub struct WireEnvelope {
     pub aggregate_id: Uuid,
     /// Position of the event in its aggregate's stream, from 1, without gaps.
     pub sequence: u64,
-    /// When the fact happened (RFC 3339, UTC, microseconds).
+    /// When the fact happened (RFC 3339, UTC, always six fractional digits).
+    #[serde(with = "rfc3339_micros")]
     pub occurred_at: DateTime<Utc>,
     /// Id of the request or event that caused this one, for tracing across services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,5 +269,23 @@ impl AnyEnvelope {
                 sequence: e.sequence,
             },
         }
+    }
+}
+
+/// `occurred_at` on the wire: RFC 3339 in UTC with exactly six fractional digits, so the same instant is
+/// always the same bytes.
+mod rfc3339_micros {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
     }
 }

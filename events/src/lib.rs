@@ -20,7 +20,10 @@ pub use envelope::{
     event_id_for,
 };
 pub use headers::{HeaderName, header_names};
-pub use product::{ImageRef, ImagesRequested, ProductCreated, ProductEvent};
+pub use product::{
+    ImageOutcome, ImageOutcomeStatus, ImageRef, ImageVariant, ImagesProcessed, ImagesRequested,
+    ProductCreated, ProductEvent,
+};
 pub use state::{ApplyError, ImageStatus, ImageStatusKind, ProductState, UserState};
 pub use upcast::upcast;
 pub use user::{UserEvent, UserRegistered};

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Envelope, ProductEvent, UserEvent};
+use crate::{Envelope, ImageOutcomeStatus, ImageVariant, ProductEvent, UserEvent};
 
 /// Why an event cannot be applied to a state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +58,9 @@ pub struct ImageStatus {
     pub url: String,
     /// Processing status.
     pub status: ImageStatusKind,
+    /// Machine-readable failure class, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
     /// Why processing failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -82,7 +85,7 @@ pub struct ProductState {
     /// Processing status of each source image.
     pub images: Vec<ImageStatus>,
     /// Stored variants of processed images.
-    pub compressed_product_images: Vec<serde_json::Value>,
+    pub compressed_product_images: Vec<ImageVariant>,
     /// Sequence of the last event applied.
     pub version: u64,
     /// When the product was created.
@@ -124,16 +127,60 @@ impl ProductState {
         match &envelope.event {
             ProductEvent::Created(_) => return Err(ApplyError::NotFirst("ProductCreated")),
             ProductEvent::ImagesRequested(e) => {
-                self.images = e
-                    .images
-                    .iter()
-                    .map(|i| ImageStatus {
-                        position: i.position,
-                        url: i.url.clone(),
+                // A first request lists every image; a re-drive lists the failed ones again. Either way
+                // each listed position becomes pending and loses what an earlier attempt stored.
+                for image in &e.images {
+                    self.compressed_product_images
+                        .retain(|v| v.position != image.position);
+                    let pending = ImageStatus {
+                        position: image.position,
+                        url: image.url.clone(),
                         status: ImageStatusKind::Pending,
+                        error_class: None,
                         reason: None,
-                    })
-                    .collect();
+                    };
+                    match self
+                        .images
+                        .iter_mut()
+                        .find(|i| i.position == image.position)
+                    {
+                        Some(existing) => *existing = pending,
+                        None => self.images.push(pending),
+                    }
+                }
+                self.images.sort_by_key(|i| i.position);
+            }
+            ProductEvent::ImagesProcessed(e) => {
+                for outcome in &e.images {
+                    let (status, variants) = match outcome.status {
+                        ImageOutcomeStatus::Ready => {
+                            (ImageStatusKind::Ready, outcome.variants.clone())
+                        }
+                        ImageOutcomeStatus::Failed => (ImageStatusKind::Failed, Vec::new()),
+                    };
+                    self.compressed_product_images
+                        .retain(|v| v.position != outcome.position);
+                    self.compressed_product_images.extend(variants);
+                    let done = ImageStatus {
+                        position: outcome.position,
+                        url: outcome.url.clone(),
+                        status,
+                        error_class: outcome.error_class.clone(),
+                        reason: outcome.reason.clone(),
+                    };
+                    match self
+                        .images
+                        .iter_mut()
+                        .find(|i| i.position == outcome.position)
+                    {
+                        Some(existing) => *existing = done,
+                        None => self.images.push(done),
+                    }
+                }
+                self.images.sort_by_key(|i| i.position);
+                self.compressed_product_images.sort_by(|a, b| {
+                    (a.position, &a.variant, &a.format).cmp(&(b.position, &b.variant, &b.format))
+                });
             }
         }
         self.version = envelope.sequence;

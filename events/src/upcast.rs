@@ -12,7 +12,9 @@ use crate::{AggregateType, DecodeError};
 fn newest_version(aggregate_type: AggregateType, event_type: &str) -> Option<u32> {
     match (aggregate_type, event_type) {
         (AggregateType::User, "UserRegistered") => Some(1),
-        (AggregateType::Product, "ProductCreated" | "ImagesRequested") => Some(1),
+        (AggregateType::Product, "ProductCreated" | "ImagesRequested" | "ImagesProcessed") => {
+            Some(1)
+        }
         _ => None,
     }
 }

@@ -27,6 +27,45 @@ enum Command {
         #[command(flatten)]
         kafka: KafkaConfig,
     },
+    /// Inspect and re-drive the image pipeline's dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+        /// Only entries of this product.
+        #[arg(long, global = true)]
+        product: Option<uuid::Uuid>,
+        /// Only entries of this error class (e.g. `http_4xx`, `timeout`).
+        #[arg(long, global = true)]
+        error_class: Option<String>,
+        /// Number of retry topics (as IMAGE_RETRY_DELAYS_MS has delays).
+        #[arg(
+            long,
+            env = "IMAGE_RETRY_DELAYS_MS",
+            value_delimiter = ',',
+            default_value = "5000,30000,300000",
+            global = true
+        )]
+        retry_delays_ms: Vec<u64>,
+        /// Stop reading the topic after this long without a message, in milliseconds.
+        #[arg(long, default_value_t = 3000, global = true)]
+        idle_ms: u64,
+        #[command(flatten)]
+        kafka: KafkaConfig,
+        #[command(flatten)]
+        db: DbConfig,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the parked images, one per line.
+    List,
+    /// Request the selected images again (only those still failed); `--all` or a filter is required.
+    Redrive {
+        /// Re-drive every entry.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[tokio::main]
@@ -61,6 +100,70 @@ async fn main() -> anyhow::Result<()> {
                 )
             })?;
             println!("topics ready: {:?}", kafka.topics().all());
+        }
+        Command::Dlq {
+            action,
+            product,
+            error_class,
+            retry_delays_ms,
+            idle_ms,
+            kafka,
+            db,
+        } => {
+            use image_worker::dlq;
+            let filter = dlq::Filter {
+                product,
+                error_class,
+            };
+            let records: Vec<_> = dlq::read_all(
+                &kafka,
+                retry_delays_ms.len(),
+                std::time::Duration::from_millis(idle_ms),
+            )
+            .await?
+            .into_iter()
+            .filter(|r| filter.matches(r))
+            .collect();
+            match action {
+                DlqAction::List => {
+                    println!(
+                        "{:<36}  {:>3}  {:<18}  {:>8}  {:<20}  url / reason",
+                        "product", "pos", "error class", "attempts", "first failure"
+                    );
+                    for r in &records {
+                        let l = &r.letter;
+                        println!(
+                            "{:<36}  {:>3}  {:<18}  {:>8}  {:<20}  {}\n{:>95}{}",
+                            l.product_id,
+                            l.image.position,
+                            l.failure.class,
+                            l.attempts,
+                            l.first_failure_at.format("%Y-%m-%d %H:%M:%S"),
+                            l.image.url,
+                            "",
+                            l.failure.message
+                        );
+                    }
+                    println!(
+                        "{} entr{}",
+                        records.len(),
+                        if records.len() == 1 { "y" } else { "ies" }
+                    );
+                }
+                DlqAction::Redrive { all } => {
+                    if !all && filter.product.is_none() && filter.error_class.is_none() {
+                        anyhow::bail!(
+                            "say what to re-drive: --all, --product ID or --error-class CLASS"
+                        );
+                    }
+                    let pool = platform::db::pool(&db)?;
+                    let report = dlq::redrive(&kafka, &pool, &records).await?;
+                    println!(
+                        "re-driven: {} image(s) of {} product(s); skipped {} (no longer failed)",
+                        report.images, report.products, report.skipped
+                    );
+                }
+            }
         }
     }
     Ok(())

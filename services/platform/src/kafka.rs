@@ -76,18 +76,25 @@ pub fn consumer_with_context<C: rdkafka::consumer::ConsumerContext + 'static>(
 /// Creates the event topics that do not exist yet, with infinite retention: the log is the source of
 /// truth and projections are rebuilt from offset 0.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base(cfg, "catalog-admin").create()?;
     let topics = cfg.topics();
-    let new: Vec<NewTopic<'_>> = topics
-        .all()
-        .into_iter()
-        .map(|name| {
+    let wanted: Vec<(&str, i64)> = topics.all().into_iter().map(|t| (t, -1)).collect();
+    create_topics(cfg, &wanted).await
+}
+
+/// Creates the topics in `wanted` (name, `retention.ms`, -1 for forever) that do not exist yet.
+pub async fn create_topics(cfg: &KafkaConfig, wanted: &[(&str, i64)]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base(cfg, "catalog-admin").create()?;
+    let retention: Vec<String> = wanted.iter().map(|(_, r)| r.to_string()).collect();
+    let new: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .zip(&retention)
+        .map(|((name, _), retention)| {
             NewTopic::new(
                 name,
                 cfg.topic_partitions,
                 TopicReplication::Fixed(cfg.topic_replication),
             )
-            .set("retention.ms", "-1")
+            .set("retention.ms", retention)
             .set("retention.bytes", "-1")
             .set("cleanup.policy", "delete")
         })

@@ -15,7 +15,7 @@ pub const USER_COLUMNS: &str = "id, name, email, version, created_at, updated_at
 /// Reads a `products` row selected with [`PRODUCT_COLUMNS`].
 pub fn product_from_row(row: &Row) -> ProductState {
     let Json(images): Json<Vec<ImageStatus>> = row.get(6);
-    let Json(compressed): Json<Vec<serde_json::Value>> = row.get(7);
+    let Json(compressed): Json<Vec<events::ImageVariant>> = row.get(7);
     ProductState {
         id: row.get(0),
         user_id: row.get(1),

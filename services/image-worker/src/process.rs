@@ -1,0 +1,333 @@
+//! Image processing, pure CPU and synchronous: sniff, decode with limits, orient, resize, encode.
+//!
+//! Callers run it off the async runtime (see `worker`). Decoding goes through the `image` crate with
+//! pixel and allocation limits checked on the header, so a decompression bomb is refused before any
+//! pixel buffer is allocated. Re-encoding drops all metadata (EXIF, ICC, XMP) after the EXIF
+//! orientation has been applied to the pixels.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::jpeg::JpegEncoder;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+
+use crate::job::Failure;
+
+/// Output encoding of a variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Lossy WebP (libwebp).
+    Webp,
+    /// Baseline JPEG.
+    Jpeg,
+}
+
+impl Format {
+    /// Name used in events and keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Webp => "webp",
+            Format::Jpeg => "jpeg",
+        }
+    }
+
+    /// File extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Webp => "webp",
+            Format::Jpeg => "jpg",
+        }
+    }
+
+    /// MIME type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Webp => "image/webp",
+            Format::Jpeg => "image/jpeg",
+        }
+    }
+}
+
+/// One rendition to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VariantSpec {
+    /// Name in events (`thumb`, `large`).
+    pub name: &'static str,
+    /// Longest side in pixels; smaller sources are never upscaled.
+    pub max_side: u32,
+    /// Encoding.
+    pub format: Format,
+    /// Encoder quality, 0–100.
+    pub quality: u8,
+}
+
+impl VariantSpec {
+    /// A stable identifier of the settings, part of the content-addressed key: changing a setting
+    /// changes the key, so old and new renditions never collide.
+    pub fn settings_id(&self) -> String {
+        format!(
+            "{}-{}-{}-q{}",
+            self.name,
+            self.max_side,
+            self.format.name(),
+            self.quality
+        )
+    }
+}
+
+/// The variants produced for every image (see README, "Image pipeline", for the numbers behind them).
+pub const DEFAULT_VARIANTS: [VariantSpec; 4] = [
+    VariantSpec {
+        name: "thumb",
+        max_side: 256,
+        format: Format::Webp,
+        quality: 75,
+    },
+    VariantSpec {
+        name: "thumb",
+        max_side: 256,
+        format: Format::Jpeg,
+        quality: 80,
+    },
+    VariantSpec {
+        name: "large",
+        max_side: 1024,
+        format: Format::Webp,
+        quality: 80,
+    },
+    VariantSpec {
+        name: "large",
+        max_side: 1024,
+        format: Format::Jpeg,
+        quality: 82,
+    },
+];
+
+/// Decoding limits.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest width or height accepted.
+    pub max_side: u32,
+    /// Most pixels (width × height) accepted.
+    pub max_pixels: u64,
+    /// Most bytes the decoder may allocate.
+    pub max_alloc: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_side: 16_384,
+            max_pixels: 40_000_000,
+            max_alloc: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// One encoded rendition.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// What it is.
+    pub spec: VariantSpec,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// The encoded file.
+    pub bytes: Vec<u8>,
+}
+
+/// The format of `bytes`, judged from the bytes (never from headers or the URL).
+pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, Failure> {
+    match image::guess_format(bytes) {
+        Ok(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif)) => {
+            Ok(f)
+        }
+        Ok(other) => Err(Failure::permanent(
+            "not_an_image",
+            format!("{other:?} images are not accepted (JPEG, PNG, WebP, GIF are)"),
+        )),
+        Err(_) => Err(Failure::permanent(
+            "not_an_image",
+            "the body is not a JPEG, PNG, WebP or GIF image",
+        )),
+    }
+}
+
+fn decoder(bytes: &[u8], limits: DecodeLimits) -> Result<impl ImageDecoder + '_, Failure> {
+    let format = sniff(bytes)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut l = Limits::default();
+    l.max_image_width = Some(limits.max_side);
+    l.max_image_height = Some(limits.max_side);
+    l.max_alloc = Some(limits.max_alloc);
+    reader.limits(l);
+    let decoder = reader.into_decoder().map_err(decode_failure)?;
+    let (w, h) = decoder.dimensions();
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(Failure::permanent(
+            "too_many_pixels",
+            format!("{w}×{h} is more than {} pixels", limits.max_pixels),
+        ));
+    }
+    Ok(decoder)
+}
+
+fn decode_failure(e: image::ImageError) -> Failure {
+    match e {
+        image::ImageError::Limits(l) => Failure::permanent("too_many_pixels", l.to_string()),
+        other => Failure::permanent("decode", format!("cannot decode the image: {other}")),
+    }
+}
+
+fn swaps_sides(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Width and height as displayed (after EXIF orientation), read from the header only.
+pub fn display_size(bytes: &[u8], limits: DecodeLimits) -> Result<(u32, u32), Failure> {
+    let mut decoder = decoder(bytes, limits)?;
+    let (w, h) = decoder.dimensions();
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    Ok(if swaps_sides(orientation) {
+        (h, w)
+    } else {
+        (w, h)
+    })
+}
+
+/// Size of a variant of a `width`×`height` image whose longest side may be at most `max_side`:
+/// scaled down keeping the aspect ratio, never up.
+pub fn fit(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let longest = width.max(height);
+    if longest <= max_side {
+        return (width, height);
+    }
+    let scale = f64::from(max_side) / f64::from(longest);
+    let w = (f64::from(width) * scale).round().max(1.0) as u32;
+    let h = (f64::from(height) * scale).round().max(1.0) as u32;
+    (w.min(max_side), h.min(max_side))
+}
+
+/// Decodes `bytes` and produces every variant in `specs`.
+pub fn render(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    specs: &[VariantSpec],
+) -> Result<Vec<Encoded>, Failure> {
+    let mut decoder = decoder(bytes, limits)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_failure)?;
+    image.apply_orientation(orientation);
+    let rgb = image.into_rgb8();
+    let (width, height) = rgb.dimensions();
+    let source = Image::from_vec_u8(width, height, rgb.into_raw(), PixelType::U8x3)
+        .map_err(|e| Failure::permanent("decode", e.to_string()))?;
+    let mut resizer = Resizer::new();
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    let mut out = Vec::with_capacity(specs.len());
+    let mut resized: Vec<(u32, Image<'static>)> = Vec::new();
+    for spec in specs {
+        let (w, h) = fit(width, height, spec.max_side);
+        if !resized.iter().any(|(side, _)| *side == spec.max_side) {
+            let mut target = Image::new(w, h, PixelType::U8x3);
+            if (w, h) == (width, height) {
+                target.buffer_mut().copy_from_slice(source.buffer());
+            } else {
+                resizer
+                    .resize(&source, &mut target, &options)
+                    .map_err(|e| Failure::permanent("decode", e.to_string()))?;
+            }
+            resized.push((spec.max_side, target));
+        }
+        let pixels = &resized
+            .iter()
+            .find(|(side, _)| *side == spec.max_side)
+            .expect("just resized")
+            .1;
+        let bytes = encode(pixels.buffer(), w, h, *spec)?;
+        out.push(Encoded {
+            spec: *spec,
+            width: w,
+            height: h,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+fn encode(rgb: &[u8], width: u32, height: u32, spec: VariantSpec) -> Result<Vec<u8>, Failure> {
+    match spec.format {
+        Format::Webp => Ok(webp::Encoder::from_rgb(rgb, width, height)
+            .encode(f32::from(spec.quality))
+            .to_vec()),
+        Format::Jpeg => {
+            let mut out = Vec::new();
+            JpegEncoder::new_with_quality(&mut out, spec.quality)
+                .encode(rgb, width, height, image::ExtendedColorType::Rgb8)
+                .map_err(|e| Failure::permanent("decode", format!("cannot encode JPEG: {e}")))?;
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+        });
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn variants_fit_without_upscaling() {
+        assert_eq!(fit(3000, 2000, 1024), (1024, 683));
+        assert_eq!(fit(2000, 3000, 256), (171, 256));
+        assert_eq!(fit(200, 100, 1024), (200, 100));
+        assert_eq!(fit(5000, 1, 256), (256, 1));
+    }
+
+    #[test]
+    fn every_variant_is_produced_and_decodable() {
+        let source = png(1200, 800);
+        let out = render(&source, DecodeLimits::default(), &DEFAULT_VARIANTS).unwrap();
+        assert_eq!(out.len(), 4);
+        for e in &out {
+            let decoded = image::load_from_memory(&e.bytes).unwrap();
+            assert_eq!((decoded.width(), decoded.height()), (e.width, e.height));
+            assert_eq!(e.width.max(e.height), e.spec.max_side.min(1200));
+        }
+    }
+
+    #[test]
+    fn non_images_and_oversized_headers_are_refused() {
+        assert_eq!(
+            sniff(b"<html>hello</html>").unwrap_err().class,
+            "not_an_image"
+        );
+        let limits = DecodeLimits {
+            max_pixels: 1000,
+            ..DecodeLimits::default()
+        };
+        assert_eq!(
+            render(&png(100, 100), limits, &DEFAULT_VARIANTS)
+                .unwrap_err()
+                .class,
+            "too_many_pixels"
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! Where variants are stored: any `object_store` (S3 in production and tests, local files for
+//! `just dev`), under content-addressed keys written with `PutMode::Create`, so a re-run writes nothing
+//! new and the same source image is stored once however many products use it.
+
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+use crate::job::Failure;
+use crate::process::VariantSpec;
+
+/// Image store settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreConfig {
+    /// `local` (files under IMAGE_LOCAL_DIR) or `s3`.
+    #[arg(long = "image-store", env = "IMAGE_STORE", default_value = "local", value_parser = ["local", "s3"])]
+    pub kind: String,
+    /// Directory of the local store.
+    #[arg(
+        long = "image-local-dir",
+        env = "IMAGE_LOCAL_DIR",
+        default_value = ".run/images"
+    )]
+    pub local_dir: String,
+    /// S3 bucket.
+    #[arg(long = "s3-bucket", env = "S3_BUCKET", default_value = "images")]
+    pub bucket: String,
+    /// S3 region.
+    #[arg(long = "s3-region", env = "S3_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// S3 endpoint for S3-compatible servers (empty: AWS).
+    #[arg(long = "s3-endpoint", env = "S3_ENDPOINT", default_value = "")]
+    pub endpoint: String,
+    /// S3 access key id.
+    #[arg(
+        long = "s3-access-key-id",
+        env = "AWS_ACCESS_KEY_ID",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub access_key_id: String,
+    /// S3 secret access key. Never logged.
+    #[arg(
+        long = "s3-secret-access-key",
+        env = "AWS_SECRET_ACCESS_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub secret_access_key: String,
+    /// Prefix of every key (tests use one each).
+    #[arg(
+        long = "image-key-prefix",
+        env = "IMAGE_KEY_PREFIX",
+        default_value = ""
+    )]
+    pub key_prefix: String,
+    /// Base URL clients fetch variants from (default: the endpoint and bucket, or file:// for local).
+    #[arg(
+        long = "image-public-base-url",
+        env = "IMAGE_PUBLIC_BASE_URL",
+        default_value = ""
+    )]
+    pub public_base_url: String,
+}
+
+/// The image store.
+#[derive(Clone)]
+pub struct ImageStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    public_base: String,
+}
+
+impl ImageStore {
+    /// Builds the configured store (creating the local directory if needed).
+    pub fn new(cfg: &StoreConfig) -> Result<Self, object_store::Error> {
+        let (store, default_base): (Arc<dyn ObjectStore>, String) = if cfg.kind == "s3" {
+            let mut builder = AmazonS3Builder::new()
+                .with_bucket_name(&cfg.bucket)
+                .with_region(&cfg.region)
+                .with_access_key_id(&cfg.access_key_id)
+                .with_secret_access_key(&cfg.secret_access_key);
+            let base = if cfg.endpoint.is_empty() {
+                format!("https://{}.s3.{}.amazonaws.com", cfg.bucket, cfg.region)
+            } else {
+                builder = builder
+                    .with_endpoint(&cfg.endpoint)
+                    .with_allow_http(cfg.endpoint.starts_with("http://"));
+                format!("{}/{}", cfg.endpoint.trim_end_matches('/'), cfg.bucket)
+            };
+            (Arc::new(builder.build()?), base)
+        } else {
+            std::fs::create_dir_all(&cfg.local_dir).map_err(|e| object_store::Error::Generic {
+                store: "local",
+                source: Box::new(e),
+            })?;
+            let dir = std::fs::canonicalize(&cfg.local_dir).map_err(|e| {
+                object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(e),
+                }
+            })?;
+            (
+                Arc::new(LocalFileSystem::new_with_prefix(&dir)?),
+                format!("file://{}", dir.display()),
+            )
+        };
+        let public_base = if cfg.public_base_url.is_empty() {
+            default_base
+        } else {
+            cfg.public_base_url.trim_end_matches('/').to_owned()
+        };
+        Ok(Self {
+            store,
+            prefix: cfg.key_prefix.clone(),
+            public_base,
+        })
+    }
+
+    /// The key of `spec` of the source whose SHA-256 is `source_hash` (hex).
+    pub fn key(&self, source_hash: &str, spec: &VariantSpec) -> String {
+        format!(
+            "{}images/{}/{}/{}.{}",
+            self.prefix,
+            &source_hash[..2],
+            source_hash,
+            spec.settings_id(),
+            spec.format.extension()
+        )
+    }
+
+    /// Public URL of `key`.
+    pub fn url(&self, key: &str) -> String {
+        format!("{}/{}", self.public_base, key)
+    }
+
+    /// Size of the object at `key`, or `None` if there is none.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, Failure> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Failure::retryable("storage", format!("image store: {e}"))),
+        }
+    }
+
+    /// Writes `bytes` at `key` unless an object is already there (then the existing one, which has the
+    /// same content by construction, is kept). Returns whether this call wrote it.
+    pub async fn put_if_absent(&self, key: &str, bytes: Vec<u8>) -> Result<bool, Failure> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&Path::from(key), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(Failure::retryable("storage", format!("image store: {e}"))),
+        }
+    }
+
+    /// Every key under `prefix` (operators and tests).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, object_store::Error> {
+        use futures::TryStreamExt;
+        let prefix = Path::from(format!("{}{prefix}", self.prefix));
+        self.store
+            .list(Some(&prefix))
+            .map_ok(|m| (m.location.to_string(), m.size))
+            .try_collect()
+            .await
+    }
+
+    /// The bytes at `key` (tests and operators).
+    pub async fn get(&self, key: &str) -> Result<bytes::Bytes, object_store::Error> {
+        self.store.get(&Path::from(key)).await?.bytes().await
+    }
+}

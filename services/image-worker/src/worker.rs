@@ -1,0 +1,569 @@
+//! The job consumer and the retry consumer, and what both do with a job.
+//!
+//! At least once, made idempotent: a job's outputs (stored objects, dead letters, the next retry, the
+//! `ImagesProcessed` event) are produced and acknowledged before the input offset is committed. A crash
+//! in between re-runs the job: the objects are content-addressed (`PutMode::Create`), and the event has
+//! the id its sequence implies, so nothing changes downstream.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use events::{
+    Envelope, ImageOutcome, ImageOutcomeStatus, ImageRef, ImageVariant, ImagesProcessed,
+    ProductEvent,
+};
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::config::PipelineTopics;
+use crate::fetch::Fetcher;
+use crate::job::{DeadLetter, Failure, Job};
+use crate::process::{self, DEFAULT_VARIANTS, DecodeLimits};
+use crate::storage::ImageStore;
+
+/// `ce_source` of the events this service produces.
+pub const EVENT_SOURCE: &str = "/catalog/image-worker";
+
+/// Header names on retry and dead-letter messages.
+pub mod headers {
+    /// Topic the job came from originally.
+    pub const ORIGINAL_TOPIC: &str = "x-original-topic";
+    /// Partition it came from originally.
+    pub const ORIGINAL_PARTITION: &str = "x-original-partition";
+    /// Offset it came from originally.
+    pub const ORIGINAL_OFFSET: &str = "x-original-offset";
+    /// Attempts made so far.
+    pub const ATTEMPT: &str = "x-attempt";
+    /// When the first failure happened (RFC 3339).
+    pub const FIRST_FAILURE_AT: &str = "x-first-failure-at";
+    /// Failure class of the last failure.
+    pub const ERROR_CLASS: &str = "x-error-class";
+    /// Failure message of the last failure.
+    pub const ERROR_MESSAGE: &str = "x-error-message";
+    /// When a retry message is due (milliseconds since the Unix epoch).
+    pub const DUE_AT: &str = "x-due-at";
+}
+
+/// What a job needs from the process.
+#[derive(Clone)]
+pub struct Context {
+    /// Downloads.
+    pub fetcher: Fetcher,
+    /// Stores variants.
+    pub store: ImageStore,
+    /// Produces results, retries and dead letters.
+    pub producer: FutureProducer,
+    /// Topic names.
+    pub topics: Arc<PipelineTopics>,
+    /// Delay before each retry.
+    pub retry_delays: Arc<Vec<Duration>>,
+    /// Decoding limits.
+    pub limits: DecodeLimits,
+    /// Bounds the CPU-bound work running at once.
+    pub cpu: Arc<Semaphore>,
+}
+
+/// Where a job's first message was.
+#[derive(Debug, Clone)]
+struct Origin {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// Why a job could not be finished now (its input is then not committed and is consumed again).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Producing an output failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Processes one image: fetch, then (unless every variant is already stored) decode and encode, then
+/// store. Returns its outcome, or a failure.
+async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, Failure> {
+    let source = ctx.fetcher.fetch(&image.url).await?;
+    let hash = hex(&Sha256::digest(&source));
+    let keys: Vec<String> = DEFAULT_VARIANTS
+        .iter()
+        .map(|s| ctx.store.key(&hash, s))
+        .collect();
+    let mut sizes = Vec::with_capacity(keys.len());
+    for key in &keys {
+        sizes.push(ctx.store.size(key).await?);
+    }
+    let permit = ctx
+        .cpu
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore never closes");
+    let limits = ctx.limits;
+    let span = tracing::Span::current();
+    let variants = if sizes.iter().all(Option::is_some) {
+        // Already stored (same source bytes, same settings): only the sizes are needed, from the header.
+        let (w, h) = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let _permit = permit;
+            process::display_size(&source, limits)
+        })
+        .await
+        .map_err(|e| Failure::retryable("worker", e.to_string()))??;
+        DEFAULT_VARIANTS
+            .iter()
+            .zip(keys.iter().zip(sizes))
+            .map(|(spec, (key, size))| {
+                let (width, height) = process::fit(w, h, spec.max_side);
+                variant(
+                    ctx,
+                    image.position,
+                    spec,
+                    key,
+                    width,
+                    height,
+                    size.unwrap_or_default(),
+                )
+            })
+            .collect()
+    } else {
+        let encoded = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let _permit = permit;
+            process::render(&source, limits, &DEFAULT_VARIANTS)
+        })
+        .await
+        .map_err(|e| Failure::retryable("worker", e.to_string()))??;
+        let mut variants = Vec::with_capacity(encoded.len());
+        for (e, key) in encoded.into_iter().zip(&keys) {
+            let size = e.bytes.len() as u64;
+            ctx.store.put_if_absent(key, e.bytes).await?;
+            variants.push(variant(
+                ctx,
+                image.position,
+                &e.spec,
+                key,
+                e.width,
+                e.height,
+                size,
+            ));
+        }
+        variants
+    };
+    Ok(ImageOutcome {
+        position: image.position,
+        url: image.url.clone(),
+        status: ImageOutcomeStatus::Ready,
+        variants,
+        error_class: None,
+        reason: None,
+    })
+}
+
+fn variant(
+    ctx: &Context,
+    position: u32,
+    spec: &process::VariantSpec,
+    key: &str,
+    width: u32,
+    height: u32,
+    bytes: u64,
+) -> ImageVariant {
+    ImageVariant {
+        position,
+        variant: spec.name.to_owned(),
+        format: spec.format.name().to_owned(),
+        url: ctx.store.url(key),
+        key: key.to_owned(),
+        width,
+        height,
+        bytes,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs one attempt of `job`: processes what is pending, then sends the job on (retry topic), parks
+/// what failed for good (dead-letter topic) and, once every image has an outcome, appends
+/// `ImagesProcessed`. Returns when all of that is acknowledged.
+async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), JobError> {
+    let pending = job.pending();
+    let results = join_all(pending.iter().map(|image| {
+        let span =
+            tracing::info_span!("image", image.position = image.position, image.url = %image.url);
+        process_image(ctx, image).instrument(span)
+    }))
+    .await;
+    job.attempt += 1;
+    let now = Utc::now();
+    let mut dead = Vec::new();
+    let mut retry = Vec::new();
+    for (image, result) in pending.iter().zip(results) {
+        match result {
+            Ok(outcome) => job.done.push(outcome),
+            Err(failure) if failure.retryable => {
+                tracing::warn!(image.position = image.position, error.class = %failure.class, error = %failure.message, "image failed; will retry");
+                retry.push((image.clone(), failure));
+            }
+            Err(failure) => {
+                tracing::warn!(image.position = image.position, error.class = %failure.class, error = %failure.message, "image failed for good");
+                job.fail(image, &failure);
+                dead.push((image.clone(), failure));
+            }
+        }
+    }
+    if !retry.is_empty() {
+        job.first_failure_at.get_or_insert(now);
+    }
+    let attempts_allowed = ctx.retry_delays.len() as u32 + 1;
+    let mut sends = Vec::new();
+    if !retry.is_empty() && job.attempt < attempts_allowed {
+        job.last_failures = retry.iter().map(|(i, f)| (i.position, f.clone())).collect();
+        let delay = ctx.retry_delays[(job.attempt - 1) as usize];
+        let due = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        let (class, message) = (retry[0].1.class.clone(), retry[0].1.message.clone());
+        let headers = failure_headers(origin, &job, &class, &message).insert(Header {
+            key: headers::DUE_AT,
+            value: Some(due.timestamp_millis().to_string().as_bytes()),
+        });
+        let topic = ctx.topics.retries[(job.attempt - 1) as usize].clone();
+        tracing::info!(retry.topic = %topic, retry.delay_ms = delay.as_millis() as u64, "job sent to retry");
+        sends.push((
+            topic,
+            serde_json::to_vec(&job).expect("job serialises"),
+            headers,
+        ));
+    } else {
+        for (image, failure) in retry {
+            let gave_up = Failure::permanent(
+                &failure.class,
+                format!(
+                    "gave up after {} attempts: {}",
+                    job.attempt, failure.message
+                ),
+            );
+            job.fail(&image, &gave_up);
+            dead.push((image, gave_up));
+        }
+    }
+    for (image, failure) in &dead {
+        let letter = DeadLetter {
+            product_id: job.product_id,
+            request_sequence: job.request_sequence,
+            image: image.clone(),
+            failure: failure.clone(),
+            attempts: job.attempt,
+            first_failure_at: job.first_failure_at.unwrap_or(now),
+        };
+        let headers = failure_headers(origin, &job, &failure.class, &failure.message);
+        sends.push((
+            ctx.topics.dead_letters.clone(),
+            serde_json::to_vec(&letter).expect("dead letter serialises"),
+            headers,
+        ));
+    }
+    let key = job.product_id.to_string();
+    let acks = join_all(sends.iter().map(|(topic, payload, headers)| {
+        ctx.producer.send(
+            FutureRecord::to(topic)
+                .key(&key)
+                .payload(payload)
+                .headers(headers.clone()),
+            Duration::from_secs(10),
+        )
+    }))
+    .await;
+    for ack in acks {
+        ack.map_err(|(e, _)| e)?;
+    }
+    if job.pending().is_empty() {
+        append_result(ctx, &job).await?;
+    }
+    Ok(())
+}
+
+fn failure_headers(origin: &Origin, job: &Job, class: &str, message: &str) -> OwnedHeaders {
+    let first = job.first_failure_at.unwrap_or_else(Utc::now).to_rfc3339();
+    let values = [
+        (headers::ORIGINAL_TOPIC, origin.topic.clone()),
+        (headers::ORIGINAL_PARTITION, origin.partition.to_string()),
+        (headers::ORIGINAL_OFFSET, origin.offset.to_string()),
+        (headers::ATTEMPT, job.attempt.to_string()),
+        (headers::FIRST_FAILURE_AT, first),
+        (headers::ERROR_CLASS, class.to_owned()),
+        (headers::ERROR_MESSAGE, message.to_owned()),
+    ];
+    values.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    })
+}
+
+/// Appends the job's `ImagesProcessed` at `request_sequence + 1`.
+async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
+    let mut images = job.done.clone();
+    images.sort_by_key(|i| i.position);
+    let envelope = Envelope::new(
+        job.product_id,
+        job.request_sequence + 1,
+        Utc::now(),
+        Some(job.correlation_id.clone()),
+        ProductEvent::ImagesProcessed(ImagesProcessed {
+            request_sequence: job.request_sequence,
+            images,
+        }),
+    );
+    let wire = envelope.to_wire();
+    let payload = envelope.to_json();
+    let key = job.product_id.to_string();
+    ctx.producer
+        .send(
+            FutureRecord::to(&ctx.topics.products)
+                .key(&key)
+                .payload(&payload)
+                .headers(platform::kafka::headers(&wire, EVENT_SOURCE)),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    tracing::info!(event.sequence = wire.sequence, "ImagesProcessed appended");
+    Ok(())
+}
+
+fn header_text(message: &OwnedMessage, name: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Reads a job from a consumed message: an `ImagesRequested` from the products topic, or a job on a
+/// retry topic. `None` for anything else (other event types are not this worker's business).
+fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Option<(Job, Origin)> {
+    let payload = message.payload()?;
+    if message.topic() == topics.products {
+        if header_text(message, events::header_names::TYPE).is_some_and(|t| t != "ImagesRequested")
+        {
+            return None;
+        }
+        let envelope = match Envelope::<ProductEvent>::from_json(payload) {
+            Ok(e) => e,
+            Err(error) => {
+                tracing::debug!(%error, "not a product event this worker can read; skipped");
+                return None;
+            }
+        };
+        let ProductEvent::ImagesRequested(request) = &envelope.event else {
+            return None;
+        };
+        let job = Job {
+            product_id: envelope.aggregate_id,
+            request_sequence: envelope.sequence,
+            correlation_id: envelope.event_id.to_string(),
+            images: request.images.clone(),
+            done: Vec::new(),
+            attempt: 0,
+            first_failure_at: None,
+            last_failures: Vec::new(),
+        };
+        let origin = Origin {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        Some((job, origin))
+    } else {
+        let job: Job = match serde_json::from_slice(payload) {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::error!(%error, kafka.topic = message.topic(), kafka.offset = message.offset(), "unreadable retry message; skipped");
+                return None;
+            }
+        };
+        let origin = Origin {
+            topic: header_text(message, headers::ORIGINAL_TOPIC)
+                .unwrap_or_else(|| message.topic().to_owned()),
+            partition: header_text(message, headers::ORIGINAL_PARTITION)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(-1),
+            offset: header_text(message, headers::ORIGINAL_OFFSET)
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(-1),
+        };
+        Some((job, origin))
+    }
+}
+
+/// Handles one consumed message until its outputs are acknowledged (retrying the job on producer
+/// errors), then commits it. Returns `false` if shutdown came first (nothing committed).
+async fn handle(
+    ctx: &Context,
+    consumer: &StreamConsumer,
+    message: &OwnedMessage,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let span = tracing::info_span!(
+        "image_worker.job",
+        kafka.topic = message.topic(),
+        kafka.partition = message.partition(),
+        kafka.offset = message.offset(),
+        event.aggregate_id = tracing::field::Empty,
+        job.attempt = tracing::field::Empty,
+    );
+    if let Some((job, origin)) = job_from(message, &ctx.topics) {
+        span.record(
+            "event.aggregate_id",
+            tracing::field::display(job.product_id),
+        );
+        span.record("job.attempt", job.attempt + 1);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match run_job(ctx, job.clone(), &origin)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(parent: &span, %error, "cannot finish job; retrying it");
+                    tokio::select! {
+                        _ = shutdown.changed() => return false,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+    commit(consumer, message);
+    true
+}
+
+fn commit(consumer: &StreamConsumer, message: &OwnedMessage) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(
+            message.topic(),
+            message.partition(),
+            Offset::Offset(message.offset() + 1),
+        )
+        .is_ok()
+    {
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(%error, "offset commit failed; the job may run again");
+        }
+    }
+}
+
+/// Consumes `ImagesRequested` from the products topic until shutdown.
+pub async fn run_jobs(
+    ctx: Context,
+    consumer: StreamConsumer,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.changed() => break,
+            received = consumer.recv() => match received {
+                Ok(m) => m.detach(),
+                Err(error) => {
+                    tracing::warn!(%error, "kafka consume error");
+                    continue;
+                }
+            },
+        };
+        if !handle(&ctx, &consumer, &message, &mut shutdown).await {
+            break;
+        }
+    }
+}
+
+fn due_at(message: &OwnedMessage) -> chrono::DateTime<Utc> {
+    header_text(message, headers::DUE_AT)
+        .and_then(|ms| ms.parse::<i64>().ok())
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_else(Utc::now)
+}
+
+/// Consumes the retry topics until shutdown. A message that is not due yet is held with the rest of
+/// its partition, which is paused until then, so other partitions go on and polling never stops
+/// (no `max.poll.interval.ms` breach).
+pub async fn run_retries(
+    ctx: Context,
+    consumer: StreamConsumer,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut held: HashMap<(String, i32), VecDeque<OwnedMessage>> = HashMap::new();
+    loop {
+        let next_due = held.values().filter_map(|q| q.front()).map(due_at).min();
+        let wait = next_due.map_or(Duration::from_secs(3600), |due| {
+            (due - Utc::now()).to_std().unwrap_or_default()
+        });
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            received = consumer.recv() => {
+                let message = match received {
+                    Ok(m) => m.detach(),
+                    Err(error) => {
+                        tracing::warn!(%error, "kafka consume error");
+                        continue;
+                    }
+                };
+                let tp = (message.topic().to_owned(), message.partition());
+                let waiting = held.get(&tp).is_some_and(|q| !q.is_empty());
+                if waiting || due_at(&message) > Utc::now() {
+                    if !waiting {
+                        set_paused(&consumer, &tp, true);
+                    }
+                    held.entry(tp).or_default().push_back(message);
+                } else if !handle(&ctx, &consumer, &message, &mut shutdown).await {
+                    break;
+                }
+            }
+            () = tokio::time::sleep(wait), if next_due.is_some() => {
+                let now = Utc::now();
+                let mut emptied = Vec::new();
+                for (tp, queue) in &mut held {
+                    while queue.front().is_some_and(|m| due_at(m) <= now) {
+                        let message = queue.pop_front().expect("front exists");
+                        if !handle(&ctx, &consumer, &message, &mut shutdown).await {
+                            return;
+                        }
+                    }
+                    if queue.is_empty() {
+                        emptied.push(tp.clone());
+                    }
+                }
+                for tp in emptied {
+                    held.remove(&tp);
+                    set_paused(&consumer, &tp, false);
+                }
+            }
+        }
+    }
+}
+
+fn set_paused(consumer: &StreamConsumer, (topic, partition): &(String, i32), paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, *partition);
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, kafka.topic = %topic, kafka.partition = partition, paused, "cannot change pause state");
+    }
+}
