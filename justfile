@@ -4,6 +4,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # One target directory for every checkout and CI run on this machine: build once, reuse.
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", home_directory() / ".cache/catalog/target")
 test_broker_port := "19092"
+s3_port := "8333"
 
 default:
     @just --list
@@ -16,11 +17,13 @@ dev:
 test:
     scripts/check-services.sh
     scripts/broker.sh restart test {{test_broker_port}}
+    scripts/s3.sh start {{s3_port}}
     cargo build --workspace --tests --quiet
+    export TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} TEST_S3_ENDPOINT=http://127.0.0.1:{{s3_port}}; \
     if command -v cargo-nextest >/dev/null 2>&1; then \
-        TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} cargo nextest run --workspace --no-fail-fast; \
+        cargo nextest run --workspace --no-fail-fast; \
     else \
-        TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} cargo test --workspace --no-fail-fast; \
+        cargo test --workspace --no-fail-fast; \
     fi
 
 # Formatting and lints, as CI checks them.
@@ -36,7 +39,16 @@ migrate:
 bench:
     cargo bench -p benches
 
-# Stop the brokers started by `just dev` and `just test`.
+# List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
+dlq-list *args:
+    cargo run --quiet --bin catalogctl -- dlq list {{args}}
+
+# Re-drive dead letters whose images are still failed (--all, --product ID or --error-class CLASS).
+dlq-redrive *args:
+    cargo run --quiet --bin catalogctl -- dlq redrive {{args}}
+
+# Stop the brokers and the S3 server started by `just dev` and `just test`.
 stop:
     scripts/broker.sh stop dev
     scripts/broker.sh stop test
+    scripts/s3.sh stop

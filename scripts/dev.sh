@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `just dev`: the whole system on this machine: broker (Tansu, in memory), migrations, API and projector.
-# Ctrl-C stops the API and projector; the broker keeps running (scripts/broker.sh stop dev stops it).
+# `just dev`: the whole system on this machine: broker (Tansu, in memory), migrations, API, projector and
+# image worker (variants stored as local files under .run/images).
+# Ctrl-C stops the services; the broker keeps running (scripts/broker.sh stop dev stops it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,6 +12,8 @@ export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export KAFKA_PRODUCER_BATCH_MESSAGES="${KAFKA_PRODUCER_BATCH_MESSAGES:-1}"
 export DB_NAME="${DB_NAME:-catalog}"
 export API_ADDR="${API_ADDR:-127.0.0.1:8080}"
+export IMAGE_STORE="${IMAGE_STORE:-local}"
+export IMAGE_LOCAL_DIR="${IMAGE_LOCAL_DIR:-$root/.run/images}"
 port="${KAFKA_BROKERS##*:}"
 
 cargo build --bins --quiet
@@ -34,6 +37,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 "$bin/catalog-projector" & pids+=($!)
+"$bin/catalog-image-worker" & pids+=($!)
 "$bin/catalog-api" & pids+=($!)
 for _ in $(seq 1 100); do
     if curl -fsS "http://$API_ADDR/healthz" >/dev/null 2>&1; then break; fi

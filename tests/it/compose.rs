@@ -10,7 +10,15 @@ fn the_compose_file_defines_every_service_the_readme_mentions() {
     compose.apply_merge().unwrap(); // resolve the `<<: *catalog-env` merge keys as compose does
     let services = compose["services"].as_mapping().expect("services");
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    for name in ["kafka", "postgres", "redis", "s3", "api", "projector"] {
+    for name in [
+        "kafka",
+        "postgres",
+        "redis",
+        "s3",
+        "api",
+        "projector",
+        "image-worker",
+    ] {
         assert!(services.contains_key(name), "compose lacks service {name}");
         assert!(
             readme.contains(&format!("`{name}`")),
@@ -27,7 +35,7 @@ fn the_compose_file_defines_every_service_the_readme_mentions() {
     );
     assert!(!services.contains_key("zookeeper"));
     // Every service built from this repository names its binary and waits for its dependencies.
-    for name in ["api", "projector"] {
+    for name in ["api", "projector", "image-worker"] {
         let service = &services[name];
         assert!(
             service["depends_on"].as_mapping().is_some(),

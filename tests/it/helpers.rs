@@ -117,6 +117,64 @@ impl TestEnv {
         projector::Config::parse_from(args)
     }
 
+    /// Image worker settings: S3 on the test server, keys under this test's prefix, the local image
+    /// server (127.0.0.1) allowed, short timeouts and retry delays.
+    pub fn worker_config(&self) -> image_worker::Config {
+        let mut args = vec!["catalog-image-worker".to_owned()];
+        args.extend(
+            common_args(self)
+                .into_iter()
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .filter(|kv| kv[0].starts_with("--kafka"))
+                .flatten()
+                .cloned(),
+        );
+        args.extend(
+            [
+                "--group-id",
+                &format!("{}image-worker", self.prefix),
+                "--retry-delays-ms",
+                "200,400",
+                "--fetch-timeout-ms",
+                "1000",
+                "--fetch-allow-networks",
+                "127.0.0.1/32",
+                "--image-store",
+                "s3",
+                "--s3-endpoint",
+                &s3_endpoint(),
+                "--s3-bucket",
+                "images",
+                "--s3-access-key-id",
+                "catalog",
+                "--s3-secret-access-key",
+                "catalog-secret",
+                "--image-key-prefix",
+                &self.prefix,
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        );
+        image_worker::Config::parse_from(args)
+    }
+
+    /// Starts an image worker; `kill` simulates a crash.
+    pub fn spawn_worker_with(&self, config: image_worker::Config) -> TestService {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            image_worker::run(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("image worker runs");
+        });
+        TestService {
+            stop: Some(stop),
+            task,
+        }
+    }
+
     /// A connection to this environment's schema.
     pub async fn pg(&self) -> deadpool_postgres::Object {
         let pool = platform::db::pool(&self.db()).unwrap();
@@ -159,7 +217,7 @@ impl TestEnv {
     }
 
     /// Starts a projector; abort the handle to simulate a crash.
-    pub fn spawn_projector_with(&self, config: projector::Config) -> TestProjector {
+    pub fn spawn_projector_with(&self, config: projector::Config) -> TestService {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             projector::run(config, async {
@@ -168,14 +226,14 @@ impl TestEnv {
             .await
             .expect("projector runs");
         });
-        TestProjector {
+        TestService {
             stop: Some(stop),
             task,
         }
     }
 
     /// Starts a projector with this environment's settings.
-    pub fn spawn_projector(&self) -> TestProjector {
+    pub fn spawn_projector(&self) -> TestService {
         self.spawn_projector_with(self.projector_config())
     }
 
@@ -214,6 +272,11 @@ impl TestEnv {
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
             .await;
     }
+}
+
+/// Where the test S3 server listens.
+pub fn s3_endpoint() -> String {
+    std::env::var("TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into())
 }
 
 /// Closes a consumer without letting a slow leave-group block the test runtime.
@@ -284,13 +347,13 @@ impl TestApi {
     }
 }
 
-/// A running projector.
-pub struct TestProjector {
+/// A running background service (projector or image worker).
+pub struct TestService {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
-impl TestProjector {
+impl TestService {
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

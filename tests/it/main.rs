@@ -9,4 +9,5 @@
 mod api;
 mod compose;
 mod helpers;
+mod pipeline;
 mod projector;

@@ -1,0 +1,556 @@
+//! The image pipeline end to end: API → ImagesRequested → worker (real HTTP, real S3) → ImagesProcessed
+//! → projection → GET.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rdkafka::Message;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApi, TestEnv, eventually, keyed};
+
+/// A local image server with failure modes, on 127.0.0.1 (allowed by the test worker's allow-list).
+struct ImageServer {
+    base: String,
+    port: u16,
+    fixed: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Default)]
+struct ServerState {
+    attempts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    fixed: Arc<AtomicBool>,
+    port: Arc<AtomicU32>,
+    slow_ms: u64,
+}
+
+/// A JPEG photo-like gradient of `w`×`h`, varied by `seed` so different names are different bytes.
+fn jpeg(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let [s0, s1, s2, _] = seed.to_le_bytes();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 255 / w) as u8).wrapping_add(s0),
+            ((y * 255 / h) as u8).wrapping_add(s1),
+            ((((x + y) * 7) % 256) as u8).wrapping_add(s2),
+        ])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg)
+        .unwrap();
+    out
+}
+
+/// FNV-1a of `name`: distinct names give distinct images.
+fn seed(name: &str) -> u32 {
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A tiny PNG whose header declares 10000×5000 (50 megapixels): a decompression bomb's calling card.
+fn png_bomb() -> Vec<u8> {
+    let img = image::RgbImage::new(4, 4);
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    // IHDR data starts at byte 16 (8 signature + 4 length + 4 type); CRC covers type + 13 data bytes.
+    out[16..20].copy_from_slice(&10_000u32.to_be_bytes());
+    out[20..24].copy_from_slice(&5_000u32.to_be_bytes());
+    let crc = crc32(&out[12..29]);
+    out[29..33].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+fn jpeg_response(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response()
+}
+
+async fn photo(Path(name): Path<String>) -> Response {
+    jpeg_response(jpeg(1600, 1200, seed(&name)))
+}
+
+async fn flaky(State(s): State<ServerState>, Path(name): Path<String>) -> Response {
+    let n = {
+        let mut attempts = s.attempts.lock().unwrap();
+        let n = attempts.entry(name.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    if n <= 2 {
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
+    } else {
+        jpeg_response(jpeg(900, 600, 77))
+    }
+}
+
+async fn fixable(State(s): State<ServerState>) -> Response {
+    if s.fixed.load(Ordering::SeqCst) {
+        jpeg_response(jpeg(640, 480, 99))
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+async fn slow(State(s): State<ServerState>, Path(name): Path<String>) -> Response {
+    tokio::time::sleep(Duration::from_millis(s.slow_ms)).await;
+    jpeg_response(jpeg(800, 600, seed(&name)))
+}
+
+async fn redirect_internal(State(s): State<ServerState>) -> Response {
+    let port = s.port.load(Ordering::SeqCst);
+    (
+        StatusCode::FOUND,
+        [(
+            header::LOCATION,
+            format!("http://127.0.0.2:{port}/photo/a.jpg"),
+        )],
+    )
+        .into_response()
+}
+
+impl ImageServer {
+    async fn start(slow_ms: u64) -> Self {
+        let state = ServerState {
+            slow_ms,
+            ..ServerState::default()
+        };
+        let app = Router::new()
+            .route("/photo/{name}", get(photo))
+            .route("/flaky/{name}", get(flaky))
+            .route("/slow/{name}", get(slow))
+            .route("/fixable", get(fixable))
+            .route("/missing.jpg", get(|| async { StatusCode::NOT_FOUND }))
+            .route("/redirect-internal", get(redirect_internal))
+            .route(
+                "/bomb.png",
+                get(|| async { ([(header::CONTENT_TYPE, "image/png")], png_bomb()) }),
+            )
+            .route(
+                "/page.jpg",
+                get(|| async {
+                    (
+                        [(header::CONTENT_TYPE, "image/jpeg")],
+                        "<html>not an image</html>",
+                    )
+                }),
+            )
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        state.port.store(u32::from(port), Ordering::SeqCst);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            fixed: state.fixed.clone(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+async fn create_product(api: &TestApi, user_id: &str, images: &[String]) -> String {
+    let body = json!({
+        "user_id": user_id,
+        "product_name": "Lamp",
+        "product_price": "19.99",
+        "product_images": images,
+    });
+    let r = api.post("/products", &body).await;
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Polls GET until no image is pending, and returns the product.
+async fn settled(api: &TestApi, id: &str, version: u64) -> Value {
+    eventually("every image has an outcome", || async {
+        let p: Value = api
+            .get(&format!("/products/{id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        let done = p["version"].as_u64()? >= version
+            && p["images"]
+                .as_array()?
+                .iter()
+                .all(|i| i["status"] != "pending");
+        done.then_some(p)
+    })
+    .await
+}
+
+fn store(env: &TestEnv) -> image_worker::storage::ImageStore {
+    image_worker::storage::ImageStore::new(&env.worker_config().store).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_become_ready_variants_in_s3_stored_once() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let worker = env.spawn_worker_with(env.worker_config());
+    let user = api.create_user().await;
+
+    let urls: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| server.url(&format!("/photo/{n}.jpg")))
+        .collect();
+    let id = create_product(&api, &user, &urls).await;
+    let product = settled(&api, &id, 3).await;
+    assert_eq!(product["version"], 3);
+    for image in product["images"].as_array().unwrap() {
+        assert_eq!(image["status"], "ready", "{image}");
+    }
+    let variants = product["compressed_product_images"].as_array().unwrap();
+    assert_eq!(variants.len(), 12, "4 variants of 3 images");
+    let source_len = jpeg(1600, 1200, 0).len() as u64;
+    let store = store(&env);
+    for v in variants {
+        let key = v["key"].as_str().unwrap();
+        let bytes = store.get(key).await.unwrap();
+        assert_eq!(bytes.len() as u64, v["bytes"].as_u64().unwrap());
+        assert!(
+            (bytes.len() as u64) < source_len,
+            "{key} is smaller than its source"
+        );
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(u64::from(decoded.width()), v["width"].as_u64().unwrap());
+        assert_eq!(u64::from(decoded.height()), v["height"].as_u64().unwrap());
+        let expected = if v["variant"] == "thumb" {
+            (256, 192)
+        } else {
+            (1024, 768)
+        };
+        assert_eq!((decoded.width(), decoded.height()), expected, "{key}");
+        assert!(v["url"].as_str().unwrap().ends_with(key));
+    }
+    assert_eq!(store.list("images/").await.unwrap().len(), 12);
+
+    // The same source in another product is stored once.
+    let again = create_product(&api, &user, &urls[..1]).await;
+    let other = settled(&api, &again, 3).await;
+    assert_eq!(other["images"][0]["status"], "ready");
+    assert_eq!(
+        store.list("images/").await.unwrap().len(),
+        12,
+        "no new objects"
+    );
+
+    // Re-running the first product's job (its ImagesRequested delivered again) changes nothing.
+    let messages = env.read_products_topic(|m| keyed(m, &id).len() >= 3).await;
+    let request = keyed(&messages, &id)
+        .into_iter()
+        .find(|m| crate::helpers::header(m, "ce_type").as_deref() == Some("ImagesRequested"))
+        .unwrap()
+        .clone();
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
+                .key(&id)
+                .payload(request.payload().unwrap())
+                .headers(request.headers().unwrap().clone()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let messages = env
+        .read_products_topic(|m| processed(m, &id).len() >= 2)
+        .await;
+    let results = processed(&messages, &id);
+    assert_eq!(results.len(), 2, "the job ran twice");
+    assert_eq!(
+        results[0]["event_id"], results[1]["event_id"],
+        "and produced the same event"
+    );
+    assert_eq!(
+        store.list("images/").await.unwrap().len(),
+        12,
+        "and wrote nothing new"
+    );
+    let after: Value = api
+        .get(&format!("/products/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, product, "the projection did not change");
+
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+fn processed(messages: &[rdkafka::message::OwnedMessage], id: &str) -> Vec<Value> {
+    keyed(messages, id)
+        .into_iter()
+        .map(|m| serde_json::from_slice::<Value>(m.payload().unwrap()).unwrap())
+        .filter(|v| v["event_type"] == "ImagesProcessed")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_classified_retried_and_parked_with_their_reason() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(3_000).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let worker = env.spawn_worker_with(env.worker_config());
+    let user = api.create_user().await;
+
+    let urls = vec![
+        server.url("/missing.jpg"),
+        server.url("/flaky/x.jpg"),
+        server.url("/slow/x.jpg"),
+        server.url("/redirect-internal"),
+        server.url("/bomb.png"),
+        server.url("/page.jpg"),
+    ];
+    let id = create_product(&api, &user, &urls).await;
+    let product = settled(&api, &id, 3).await;
+    let images = product["images"].as_array().unwrap();
+    let outcome: Vec<(&str, Option<&str>)> = images
+        .iter()
+        .map(|i| (i["status"].as_str().unwrap(), i["error_class"].as_str()))
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("failed", Some("http_4xx")),
+            ("ready", None),
+            ("failed", Some("timeout")),
+            ("failed", Some("forbidden_address")),
+            ("failed", Some("too_many_pixels")),
+            ("failed", Some("not_an_image")),
+        ]
+    );
+    for failed in images.iter().filter(|i| i["status"] == "failed") {
+        assert!(!failed["reason"].as_str().unwrap().is_empty());
+    }
+    assert!(images[0]["reason"].as_str().unwrap().contains("404"));
+    assert!(
+        images[2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 3 attempts")
+    );
+    assert_eq!(
+        product["compressed_product_images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    let letters = image_worker::dlq::read_all(&env.kafka(), 2, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let mine: Vec<_> = letters
+        .iter()
+        .filter(|l| l.letter.product_id.to_string() == id)
+        .collect();
+    let mut classes: Vec<&str> = mine
+        .iter()
+        .map(|l| l.letter.failure.class.as_str())
+        .collect();
+    classes.sort_unstable();
+    assert_eq!(
+        classes,
+        [
+            "forbidden_address",
+            "http_4xx",
+            "not_an_image",
+            "timeout",
+            "too_many_pixels"
+        ]
+    );
+    for letter in &mine {
+        let h: HashMap<&str, &str> = letter
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(h["x-original-topic"], env.kafka().topics().products);
+        assert!(h["x-original-offset"].parse::<i64>().is_ok());
+        assert!(h["x-original-partition"].parse::<i32>().is_ok());
+        assert_eq!(h["x-error-class"], letter.letter.failure.class);
+        assert!(!h["x-error-message"].is_empty());
+        assert!(h.contains_key("x-first-failure-at"));
+        let attempts: u32 = h["x-attempt"].parse().unwrap();
+        if letter.letter.failure.class == "timeout" {
+            assert_eq!(attempts, 3, "the whole ladder was climbed");
+        } else {
+            assert_eq!(attempts, 1, "permanent failures are parked at once");
+        }
+    }
+
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_after_the_image_server_is_fixed_makes_the_image_ready() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let worker = env.spawn_worker_with(env.worker_config());
+    let user = api.create_user().await;
+    let id = create_product(
+        &api,
+        &user,
+        &[server.url("/photo/ok.jpg"), server.url("/fixable")],
+    )
+    .await;
+    let product = settled(&api, &id, 3).await;
+    assert_eq!(product["images"][1]["status"], "failed");
+
+    server.fixed.store(true, Ordering::SeqCst);
+    let filter = image_worker::dlq::Filter {
+        product: Some(id.parse().unwrap()),
+        error_class: None,
+    };
+    let letters: Vec<_> = image_worker::dlq::read_all(&env.kafka(), 2, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| filter.matches(r))
+        .collect();
+    assert_eq!(letters.len(), 1);
+    let pool = platform::db::pool(&env.db()).unwrap();
+    let report = image_worker::dlq::redrive(&env.kafka(), &pool, &letters)
+        .await
+        .unwrap();
+    assert_eq!((report.products, report.images), (1, 1));
+
+    let fixed = settled(&api, &id, 5).await;
+    assert_eq!(fixed["version"], 5);
+    assert_eq!(fixed["images"][0]["status"], "ready");
+    assert_eq!(fixed["images"][1]["status"], "ready");
+    assert_eq!(
+        fixed["compressed_product_images"].as_array().unwrap().len(),
+        8
+    );
+
+    // Re-driving again finds nothing failed and appends nothing.
+    let again = image_worker::dlq::redrive(&env.kafka(), &pool, &letters)
+        .await
+        .unwrap();
+    assert_eq!((again.products, again.skipped), (0, 1));
+
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+    let _ = server.port;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_leaves_every_job_processed_once() {
+    const PRODUCTS: usize = 6;
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(400).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let user = api.create_user().await;
+    let mut ids = Vec::new();
+    for n in 0..PRODUCTS {
+        let urls = vec![
+            server.url(&format!("/slow/{n}-a.jpg")),
+            server.url(&format!("/slow/{n}-b.jpg")),
+        ];
+        ids.push(create_product(&api, &user, &urls).await);
+    }
+    let client = env.pg().await;
+    let first = env.spawn_worker_with(env.worker_config());
+    eventually("some product is processed", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM products WHERE version = 3", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    first.kill().await;
+    let ready_at_kill: i64 = client
+        .query_one("SELECT count(*) FROM products WHERE version = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        ready_at_kill < PRODUCTS as i64,
+        "killed mid-stream ({ready_at_kill} of {PRODUCTS} done)"
+    );
+
+    let second = env.spawn_worker_with(env.worker_config());
+    for id in &ids {
+        let p = settled(&api, id, 3).await;
+        assert_eq!(p["version"], 3);
+        assert!(
+            p["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["status"] == "ready"),
+            "{p}"
+        );
+        assert_eq!(p["compressed_product_images"].as_array().unwrap().len(), 8);
+    }
+    let messages = env
+        .read_products_topic(|m| ids.iter().all(|id| !processed(m, id).is_empty()))
+        .await;
+    for id in &ids {
+        let ids: std::collections::HashSet<String> = processed(&messages, id)
+            .iter()
+            .map(|v| v["event_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "one ImagesProcessed (possibly delivered twice) for {id}"
+        );
+    }
+    assert_eq!(
+        store(&env).list("images/").await.unwrap().len(),
+        PRODUCTS * 2 * 4
+    );
+
+    second.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
