@@ -35,9 +35,10 @@ lint:
 migrate:
     cargo run --quiet --bin catalogctl -- migrate
 
-# Criterion benchmarks.
+# Criterion benchmarks, then vipsthumbnail on the same photo for comparison (see docs/BENCHMARKS.md).
 bench:
     cargo bench -p benches
+    scripts/bench-images.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:
