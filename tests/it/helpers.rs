@@ -106,6 +106,7 @@ impl TestEnv {
                 .iter()
                 .map(|s| (*s).to_owned()),
         );
+        args.extend(["--cache-key-prefix".to_owned(), self.prefix.clone()]);
         api::Config::parse_from(args)
     }
 
@@ -114,6 +115,7 @@ impl TestEnv {
         let mut args = vec!["catalog-projector".to_owned()];
         args.extend(common_args(self));
         args.extend(["--group-id".to_owned(), format!("{}projector", self.prefix)]);
+        args.extend(["--cache-key-prefix".to_owned(), self.prefix.clone()]);
         projector::Config::parse_from(args)
     }
 

@@ -7,6 +7,7 @@
 #![allow(unreachable_pub)]
 
 mod api;
+mod cache;
 mod compose;
 mod helpers;
 mod pipeline;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use platform::cache::CacheConfig;
 use platform::config::{DbConfig, KafkaConfig, LogConfig};
 
 /// Everything the API process needs to start.
@@ -41,6 +42,9 @@ pub struct Config {
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
+    /// Cache settings (`GET /products/{id}`).
+    #[command(flatten)]
+    pub cache: CacheConfig,
     /// Log settings.
     #[command(flatten)]
     pub log: LogConfig,
@@ -61,5 +65,14 @@ impl Config {
     /// Request timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Config::command().debug_assert();
     }
 }

@@ -40,6 +40,14 @@ pub enum ApiError {
     /// 422: an `Idempotency-Key` was reused with a different request.
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
+    /// 503: the projection has not reached the version asked for (`min_version`) in time.
+    #[error("version {wanted} is not projected yet (current version {current}); retry shortly")]
+    ProjectionBehind {
+        /// The version asked for.
+        wanted: u64,
+        /// The version projected.
+        current: u64,
+    },
     /// 503: a dependency (database, broker) is unavailable; safe to retry with the same
     /// `Idempotency-Key`.
     #[error("a dependency is unavailable: {0}")]
@@ -104,6 +112,9 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::ProjectionBehind { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "projection_behind")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod extract;
+pub mod read;
 mod routes;
 pub mod state;
 
@@ -40,6 +41,9 @@ pub enum StartupError {
     /// Kafka client setup or topic creation failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The cache settings are invalid (REDIS_URL).
+    #[error("cache (REDIS_URL): {0}")]
+    Cache(String),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
@@ -151,6 +155,9 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         producer,
         topics: Arc::new(config.kafka.topics()),
         read_wait: Duration::from_millis(config.read_wait_ms),
+        cache: platform::cache::ProductCache::connect(&config.cache)
+            .map_err(|e| StartupError::Cache(e.to_string()))?,
+        loads: Arc::default(),
         fault: config.fault,
     })
 }

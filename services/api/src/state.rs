@@ -19,6 +19,10 @@ pub struct AppState {
     pub topics: Arc<Topics>,
     /// How long a read waits for the projection to reach a version this API accepted.
     pub read_wait: std::time::Duration,
+    /// The product cache, when enabled.
+    pub cache: Option<platform::cache::ProductCache>,
+    /// Concurrent misses of one product share one database read.
+    pub loads: Arc<crate::read::SingleFlight>,
     /// Injected failure, tests only.
     pub fault: Option<Fault>,
 }

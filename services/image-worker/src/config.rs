@@ -110,3 +110,12 @@ impl PipelineTopics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Config::command().debug_assert();
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use platform::cache::CacheConfig;
 use platform::config::{DbConfig, KafkaConfig, LogConfig};
 
 /// Everything the projector process needs to start.
@@ -30,6 +31,9 @@ pub struct Config {
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
+    /// Cache settings (the projector invalidates entries of the products it changed).
+    #[command(flatten)]
+    pub cache: CacheConfig,
     /// Log settings.
     #[command(flatten)]
     pub log: LogConfig,
@@ -39,5 +43,14 @@ impl Config {
     /// Batch wait.
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Config::command().debug_assert();
     }
 }

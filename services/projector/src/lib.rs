@@ -29,6 +29,33 @@ pub enum ProjectorError {
     /// Kafka client setup or subscription failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The cache settings are invalid (REDIS_URL).
+    #[error("cache (REDIS_URL): {0}")]
+    Cache(String),
+}
+
+/// Drops the cache entries of the products a committed batch changed, so the next read is fresh.
+///
+/// Runs after the commit, never before: a reader that misses then reads the new rows. If Redis is
+/// away, each invalidation is retried briefly and then given up with an error log; the entry's TTL
+/// (`CACHE_TTL_SECS`) bounds how long it can be stale, and its version floor is raised at the next
+/// change of that product.
+async fn invalidate(cache: &platform::cache::ProductCache, changed: &[(uuid::Uuid, u64)]) {
+    for &(id, version) in changed {
+        let mut delay = Duration::from_millis(20);
+        for attempt in 1..=3 {
+            match cache.invalidate(id, version).await {
+                Ok(()) => break,
+                Err(error) if attempt == 3 => {
+                    tracing::error!(%error, product.id = %id, version, "cannot invalidate cache entry; it expires with its TTL");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
 }
 
 /// Projects events until `shutdown` completes; then finishes the batch in hand, commits and returns.
@@ -45,6 +72,8 @@ pub async fn run(
     if config.kafka.create_topics {
         platform::kafka::ensure_topics(&config.kafka).await?;
     }
+    let cache = platform::cache::ProductCache::connect(&config.cache)
+        .map_err(|e| ProjectorError::Cache(e.to_string()))?;
     let context = PositionContext::default();
     context.advance(&load_positions(&pool, &config.group_id).await?);
     let consumer = platform::kafka::consumer_with_context(
@@ -87,6 +116,9 @@ pub async fn run(
                         "batch projected"
                     );
                     commit(&consumer, &batch);
+                    if let Some(cache) = &cache {
+                        invalidate(cache, &report.changed_products).await;
+                    }
                     break;
                 }
                 Err(error) => {

@@ -23,8 +23,10 @@ use uuid::Uuid;
 use crate::position::Positions;
 
 /// What a batch did, for logs and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchReport {
+    /// Products whose row changed, with their new version (for cache invalidation after commit).
+    pub changed_products: Vec<(Uuid, u64)>,
     /// Events applied to a row.
     pub applied: usize,
     /// Messages below the stored offset, or events already applied.
@@ -251,6 +253,7 @@ pub async fn apply_batch(
     for stream in products.values() {
         if let (true, Some(state)) = (stream.dirty, &stream.state) {
             upsert_product(tx, state).await?;
+            report.changed_products.push((state.id, state.version));
         }
     }
     for stream in users.values() {

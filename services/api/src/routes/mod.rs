@@ -47,10 +47,14 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
 ///
 /// `sql` selects the row's columns followed by the accepted version, with `$1` the id; it yields one row
 /// whose first column is NULL while the row is not projected.
+///
+/// `min_version` (0 for none) is a version the caller asks for explicitly; the wait is for the larger of
+/// it and the accepted version. When time runs out the row is returned as it is (callers compare).
 pub(crate) async fn read_projected<T>(
     state: &crate::state::AppState,
     sql: &str,
     id: Uuid,
+    min_version: u64,
     from_row: fn(&tokio_postgres::Row) -> T,
     version_of: fn(&T) -> u64,
 ) -> Result<Option<T>, ApiError> {
@@ -64,12 +68,14 @@ pub(crate) async fn read_projected<T>(
             .get::<_, Option<Uuid>>(0)
             .is_some()
             .then(|| from_row(&row));
-        let caught_up = match (&projected, accepted) {
-            (_, None) => true,
-            (None, Some(_)) => false,
-            (Some(value), Some(version)) => {
-                version_of(value) >= u64::try_from(version).unwrap_or(0)
-            }
+        let wanted = accepted
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0)
+            .max(min_version);
+        let caught_up = match &projected {
+            // Unknown and never accepted here: nothing to wait for (unless a version was asked for).
+            None => accepted.is_none() && min_version == 0,
+            Some(value) => version_of(value) >= wanted,
         };
         if caught_up || tokio::time::Instant::now() >= deadline {
             return Ok(projected);

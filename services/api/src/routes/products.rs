@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use platform::read_model::{PRODUCT_COLUMNS, product_from_row};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{idempotency_key, path_id, read_projected, request_id};
+use super::{idempotency_key, path_id, request_id};
 use crate::commands::{self, Command};
 use crate::domain::{FieldError, NewProduct, Price};
 use crate::error::ApiError;
@@ -118,21 +118,58 @@ fn product_events(
     Ok((events, product))
 }
 
-/// A product from the projection, with its images' status and stored variants.
+/// A product, with its images' status and stored variants: from the cache when it has it, else from
+/// the projection. `ETag` is the version; `If-None-Match` with it answers 304. `?min_version=N` waits
+/// (up to `API_READ_WAIT_MS`) for version N and answers 503 `projection_behind` if it does not come.
 async fn get_product(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<ProductState>, ApiError> {
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    let sql = format!(
-        "SELECT {PRODUCT_COLUMNS},
-                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
-           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN products ON products.id = w.wanted"
+    let min_version = match params.get("min_version") {
+        None => 0,
+        Some(v) => v.parse::<u64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "min_version",
+                "must be a whole number of at least 1",
+            )])
+        })?,
+    };
+    let Some((product, source)) = crate::read::product(&state, id, min_version).await? else {
+        return Err(ApiError::NotFound("product"));
+    };
+    if product.version < min_version {
+        return Err(ApiError::ProjectionBehind {
+            wanted: min_version,
+            current: product.version,
+        });
+    }
+    let etag = format!("\"{}\"", product.version);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == etag || t.trim() == "*" || t.trim() == format!("W/{etag}"))
+        });
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], product.json).into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::ETAG,
+        header::HeaderValue::from_str(&etag).expect("ASCII"),
     );
-    read_projected(&state, &sql, id, product_from_row, |p| p.version)
-        .await?
-        .map(Json)
-        .ok_or(ApiError::NotFound("product"))
+    h.insert("x-cache", header::HeaderValue::from_static(source.as_str()));
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    Ok(response)
 }
 
 /// Validated filters of the product list.

@@ -93,7 +93,7 @@ async fn get_user(
                 (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
            FROM (SELECT $1::uuid AS wanted) w LEFT JOIN users ON users.id = w.wanted"
     );
-    read_projected(&state, &sql, id, user_from_row, |u| u.version)
+    read_projected(&state, &sql, id, 0, user_from_row, |u| u.version)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("user"))

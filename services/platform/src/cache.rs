@@ -1,0 +1,192 @@
+//! The Redis cache of `GET /products/:id`: version-stamped entries that a slow reader can never roll
+//! back.
+//!
+//! Each product has two keys: the entry (`{prefix}product:{id}` = `"{version}\n{json}"`, with a TTL) and
+//! a floor (`{prefix}product:{id}:floor` = the newest version known to be projected). The projector
+//! raises the floor and deletes the entry after each commit (`invalidate`); a reader that missed fills
+//! the entry only if its version is at least the floor and newer than what is there (`fill`). Both are
+//! Lua scripts, so each is atomic in Redis. A reader that read version 2 from PostgreSQL just before the
+//! projector committed version 3 therefore cannot put version 2 back.
+//!
+//! Every call is bounded by a short timeout and fails soft: the caller falls back to PostgreSQL.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use uuid::Uuid;
+
+/// Cache settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheConfig {
+    /// Redis URL; empty disables the cache.
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Lifetime of a cache entry, in seconds (bounds staleness if an invalidation is ever lost).
+    #[arg(long = "cache-ttl-secs", env = "CACHE_TTL_SECS", default_value_t = 300)]
+    pub cache_ttl_secs: u64,
+    /// Longest wait for Redis per command, in milliseconds, before falling back to PostgreSQL.
+    #[arg(
+        long = "cache-timeout-ms",
+        env = "CACHE_TIMEOUT_MS",
+        default_value_t = 100
+    )]
+    pub cache_timeout_ms: u64,
+    /// Prefix of every key (tests use one each).
+    #[arg(
+        long = "cache-key-prefix",
+        env = "CACHE_KEY_PREFIX",
+        default_value = "catalog:"
+    )]
+    pub cache_key_prefix: String,
+}
+
+/// Why a cache call did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Redis did not answer in time (or is not connected).
+    #[error("redis did not answer in time")]
+    Timeout,
+    /// The entry is not of the expected shape.
+    #[error("malformed cache entry")]
+    Malformed,
+}
+
+/// How long a floor outlives the last invalidation: far longer than any read can take.
+const FLOOR_TTL_SECS: u64 = 3600;
+
+const FILL: &str = r"
+local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
+local v = tonumber(ARGV[1])
+if v < floor then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cv = tonumber(string.match(cur, '^(%d+)\n'))
+  if cv and cv >= v then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+const INVALIDATE: &str = r"
+local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) > floor then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// The product cache (cheap to clone).
+#[derive(Clone)]
+pub struct ProductCache {
+    client: Client,
+    prefix: String,
+    ttl_secs: u64,
+    timeout: Duration,
+}
+
+impl ProductCache {
+    /// Connects in the background (never blocks start-up on Redis); `None` when disabled.
+    pub fn connect(cfg: &CacheConfig) -> Result<Option<Self>, CacheError> {
+        if cfg.redis_url.is_empty() {
+            return Ok(None);
+        }
+        let timeout = Duration::from_millis(cfg.cache_timeout_ms);
+        let config = Config::from_url(&cfg.redis_url)?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build()?;
+        let _connection = client.connect();
+        Ok(Some(Self {
+            client,
+            prefix: cfg.cache_key_prefix.clone(),
+            ttl_secs: cfg.cache_ttl_secs,
+            timeout,
+        }))
+    }
+
+    fn keys(&self, id: Uuid) -> (String, String) {
+        let entry = format!("{}product:{id}", self.prefix);
+        let floor = format!("{entry}:floor");
+        (entry, floor)
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, CacheError> {
+        if !self.client.is_connected() {
+            return Err(CacheError::Timeout);
+        }
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CacheError::Timeout),
+        }
+    }
+
+    /// The cached representation of product `id` and its version, if any.
+    pub async fn get(&self, id: Uuid) -> Result<Option<(u64, bytes::Bytes)>, CacheError> {
+        let (entry, _) = self.keys(id);
+        let value: Option<bytes::Bytes> = self.bounded(self.client.get(entry)).await?;
+        let Some(value) = value else { return Ok(None) };
+        let newline = value
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(CacheError::Malformed)?;
+        let version = std::str::from_utf8(&value[..newline])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or(CacheError::Malformed)?;
+        Ok(Some((version, value.slice(newline + 1..))))
+    }
+
+    /// Stores `json` as version `version` of product `id`, unless the cache already knows a newer one.
+    /// Returns whether it was stored.
+    pub async fn fill(&self, id: Uuid, version: u64, json: &[u8]) -> Result<bool, CacheError> {
+        let (entry, floor) = self.keys(id);
+        let args: Vec<Value> = vec![
+            Value::from(version.to_string()),
+            Value::Bytes(bytes::Bytes::copy_from_slice(json)),
+            Value::from(self.ttl_secs.to_string()),
+        ];
+        let stored: i64 = self
+            .bounded(self.client.eval(FILL, vec![entry, floor], args))
+            .await?;
+        Ok(stored == 1)
+    }
+
+    /// Records that version `version` of product `id` is projected: drops the entry and refuses any
+    /// later fill with an older version.
+    pub async fn invalidate(&self, id: Uuid, version: u64) -> Result<(), CacheError> {
+        let (entry, floor) = self.keys(id);
+        let args = vec![version.to_string(), FLOOR_TTL_SECS.to_string()];
+        let _: i64 = self
+            .bounded(self.client.eval(INVALIDATE, vec![entry, floor], args))
+            .await?;
+        Ok(())
+    }
+
+    /// Waits (bounded) for the first connection; for start-up logs and tests.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.client.wait_for_connect())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}

@@ -1,0 +1,263 @@
+//! The Redis-cached read path: hits and misses, invalidation, the stale-fill race, Redis away,
+//! conditional GET and read-your-writes by version.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{TestApi, TestEnv, eventually, product_body};
+
+fn cache_config(env: &TestEnv) -> platform::cache::CacheConfig {
+    env.api_config().cache
+}
+
+async fn connected_cache(env: &TestEnv) -> platform::cache::ProductCache {
+    let cache = platform::cache::ProductCache::connect(&cache_config(env))
+        .unwrap()
+        .unwrap();
+    assert!(
+        cache.wait_connected(Duration::from_secs(5)).await,
+        "Redis must run on 127.0.0.1:6379"
+    );
+    cache
+}
+
+async fn get(api: &TestApi, path: &str) -> (u16, String, Value) {
+    let r = api.get(path).await;
+    let status = r.status().as_u16();
+    let source = r
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = r.json().await.unwrap_or(Value::Null);
+    (status, source, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_hit_the_cache_and_every_change_invalidates_it() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let cache = connected_cache(&env).await;
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/products/{id}");
+
+    let (status, source, first) = get(&api, &path).await;
+    assert_eq!((status, source.as_str()), (200, "miss"));
+    assert_eq!(first, created);
+    let (_, source, second) = get(&api, &path).await;
+    assert_eq!(source, "hit");
+    assert_eq!(second, first, "a hit answers the same bytes");
+
+    // A change (here an ImagesProcessed, produced as the worker would) invalidates the entry once its
+    // row is committed, so the next read is fresh.
+    let uuid: Uuid = id.parse().unwrap();
+    let processed = events::Envelope::new(
+        uuid,
+        3,
+        chrono::Utc::now(),
+        None,
+        events::ProductEvent::ImagesProcessed(events::ImagesProcessed {
+            request_sequence: 2,
+            images: created["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| events::ImageOutcome {
+                    position: i["position"].as_u64().unwrap() as u32,
+                    url: i["url"].as_str().unwrap().to_owned(),
+                    status: events::ImageOutcomeStatus::Failed,
+                    variants: vec![],
+                    error_class: Some("http_4xx".into()),
+                    reason: Some("404".into()),
+                })
+                .collect(),
+        }),
+    );
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
+                .key(&id)
+                .payload(&processed.to_json()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let fresh: Value = eventually("the cache entry is invalidated", || async {
+        match cache.get(uuid).await.unwrap() {
+            None => Some(()),
+            Some(_) => None,
+        }
+    })
+    .then(|()| async { get(&api, &path).await.2 })
+    .await;
+    assert_eq!(fresh["version"], 3);
+    assert_eq!(fresh["images"][0]["status"], "failed");
+    let (_, source, _) = get(&api, &path).await;
+    assert_eq!(source, "hit");
+
+    // Conditional GET.
+    let r = api
+        .http
+        .get(api.url(&path))
+        .header("If-None-Match", "\"3\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["etag"], "\"3\"");
+    let r = api
+        .http
+        .get(api.url(&path))
+        .header("If-None-Match", "\"2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Read-your-writes by version: reached → 200; never reached → 503 naming the problem.
+    let (status, _, body) = get(&api, &format!("{path}?min_version=3")).await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(3)));
+    let (status, _, body) = get(&api, &format!("{path}?min_version=9")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("projection_behind"))
+    );
+    let (status, _, body) = get(&api, &format!("{path}?min_version=x")).await;
+    assert_eq!(
+        (status, body["errors"][0]["field"].as_str()),
+        (422, Some("min_version"))
+    );
+
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_cannot_put_an_old_version_back() {
+    let env = TestEnv::new().await;
+    let cache = connected_cache(&env).await;
+    let id = Uuid::now_v7();
+
+    // A reader reads version 2 from PostgreSQL, then stalls. Meanwhile version 3 is committed and the
+    // projector invalidates. The reader's fill must be refused.
+    assert!(
+        cache.fill(id, 2, b"{\"version\":2}").await.unwrap(),
+        "a first fill is stored"
+    );
+    cache.invalidate(id, 3).await.unwrap();
+    assert!(
+        cache.get(id).await.unwrap().is_none(),
+        "invalidation drops the entry"
+    );
+    assert!(
+        !cache.fill(id, 2, b"{\"version\":2}").await.unwrap(),
+        "an older fill is refused"
+    );
+    assert!(cache.get(id).await.unwrap().is_none());
+    assert!(
+        cache.fill(id, 3, b"{\"version\":3}").await.unwrap(),
+        "the current version fills"
+    );
+    assert!(
+        !cache.fill(id, 2, b"{\"version\":2}").await.unwrap(),
+        "never replaced by an older one"
+    );
+    let (version, json) = cache.get(id).await.unwrap().unwrap();
+    assert_eq!((version, &json[..]), (3, &b"{\"version\":3}"[..]));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_or_silent_reads_still_answer_from_postgres() {
+    let env = TestEnv::new().await;
+    let projector = env.spawn_projector();
+    // Nothing listens on port 1; the second "Redis" accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    for url in ["redis://127.0.0.1:1".to_owned(), silent_url] {
+        let mut config = env.api_config();
+        config.cache.redis_url = url.clone();
+        let api = env.spawn_api_with(config).await;
+        let user = api.create_user().await;
+        let created: Value = api
+            .post("/products", &product_body(&user))
+            .await
+            .json()
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let (status, source, body) = get(
+                &api,
+                &format!("/products/{}", created["id"].as_str().unwrap()),
+            )
+            .await;
+            assert_eq!(status, 200, "{url}");
+            assert_eq!(source, "bypass", "{url}");
+            assert_eq!(body, created);
+        }
+        api.stop().await;
+    }
+    projector.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_database_read() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/products/{}", created["id"].as_str().unwrap());
+    let (status, ..) = get(&api, &path).await; // projected and cached once
+    assert_eq!(status, 200);
+    let cache = connected_cache(&env).await;
+    cache
+        .invalidate(created["id"].as_str().unwrap().parse().unwrap(), 2)
+        .await
+        .unwrap();
+
+    let responses = futures::future::join_all((0..50).map(|_| get(&api, &path))).await;
+    assert!(
+        responses
+            .iter()
+            .all(|(status, _, body)| *status == 200 && *body == created)
+    );
+    let count = |what: &str| responses.iter().filter(|(_, s, _)| s == what).count();
+    // The first miss reads PostgreSQL; misses during that read share it ("coalesced"); later requests
+    // hit the entry it filled. A handful of leaders at most, never one read per request.
+    assert!(count("miss") >= 1);
+    assert!(
+        count("miss") <= 5,
+        "{} database reads for 50 concurrent misses",
+        count("miss")
+    );
+    assert_eq!(count("miss") + count("coalesced") + count("hit"), 50);
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
