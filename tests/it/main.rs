@@ -10,5 +10,6 @@ mod api;
 mod cache;
 mod compose;
 mod helpers;
+mod list;
 mod pipeline;
 mod projector;

@@ -14,11 +14,21 @@ struct Migration {
 
 /// Every migration, in order. Applied ones are recorded in `schema_migrations`; never edit one that
 /// has shipped, add the next file instead.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_init.sql",
-    sql: include_str!("../../../sql/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_init.sql",
+        sql: include_str!("../../../sql/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_product_search.sql",
+        sql: include_str!("../../../sql/0002_product_search.sql"),
+    },
+];
+
+/// Advisory lock key serialising database-wide setup (extensions) across all schemas.
+const DATABASE_SETUP_LOCK: i64 = 0x0063_6174_616c_6f67; // "catalog" in ASCII
 
 /// What can go wrong talking to PostgreSQL at start-up or in the migrator.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +144,18 @@ pub async fn migrate(cfg: &DbConfig) -> Result<Vec<&'static str>, DbError> {
                 Err(e)
             }
         })?;
+    // Extensions belong to the database, not the schema: create them once, under a global lock, since
+    // concurrent CREATE EXTENSION IF NOT EXISTS can still collide.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&DATABASE_SETUP_LOCK])
+        .await?;
+    let extension = client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA public")
+        .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&DATABASE_SETUP_LOCK])
+        .await?;
+    extension?;
     client
         .execute("SELECT pg_advisory_lock(hashtext($1))", &[&cfg.schema])
         .await?;
