@@ -39,6 +39,7 @@ migrate:
 bench:
     cargo bench -p benches
     scripts/bench-images.sh
+    scripts/bench-read.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:

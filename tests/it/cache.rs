@@ -62,38 +62,7 @@ async fn reads_hit_the_cache_and_every_change_invalidates_it() {
     // A change (here an ImagesProcessed, produced as the worker would) invalidates the entry once its
     // row is committed, so the next read is fresh.
     let uuid: Uuid = id.parse().unwrap();
-    let processed = events::Envelope::new(
-        uuid,
-        3,
-        chrono::Utc::now(),
-        None,
-        events::ProductEvent::ImagesProcessed(events::ImagesProcessed {
-            request_sequence: 2,
-            images: created["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| events::ImageOutcome {
-                    position: i["position"].as_u64().unwrap() as u32,
-                    url: i["url"].as_str().unwrap().to_owned(),
-                    status: events::ImageOutcomeStatus::Failed,
-                    variants: vec![],
-                    error_class: Some("http_4xx".into()),
-                    reason: Some("404".into()),
-                })
-                .collect(),
-        }),
-    );
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
-                .key(&id)
-                .payload(&processed.to_json()),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    append_failed_result(&env, &created).await;
     let fresh: Value = eventually("the cache entry is invalidated", || async {
         match cache.get(uuid).await.unwrap() {
             None => Some(()),
@@ -140,6 +109,96 @@ async fn reads_hit_the_cache_and_every_change_invalidates_it() {
         (422, Some("min_version"))
     );
 
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// Appends the `ImagesProcessed` (every image failed) that answers `created`'s `ImagesRequested`, as the
+/// image worker would.
+async fn append_failed_result(env: &TestEnv, created: &Value) {
+    let id = created["id"].as_str().unwrap().to_owned();
+    let uuid: Uuid = id.parse().unwrap();
+    let processed = events::Envelope::new(
+        uuid,
+        3,
+        chrono::Utc::now(),
+        None,
+        events::ProductEvent::ImagesProcessed(events::ImagesProcessed {
+            request_sequence: 2,
+            images: created["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| events::ImageOutcome {
+                    position: i["position"].as_u64().unwrap() as u32,
+                    url: i["url"].as_str().unwrap().to_owned(),
+                    status: events::ImageOutcomeStatus::Failed,
+                    variants: vec![],
+                    error_class: Some("http_4xx".into()),
+                    reason: Some("404".into()),
+                })
+                .collect(),
+        }),
+    );
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
+                .key(&id)
+                .payload(&processed.to_json()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_tier_is_stale_for_at_most_its_lifetime() {
+    const TTL_MS: u64 = 300;
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.cache_local_ttl_ms = TTL_MS;
+    let api = env.spawn_api_with(config).await;
+    let projector = env.spawn_projector();
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/products/{id}");
+    assert_eq!(get(&api, &path).await.1, "miss");
+    assert_eq!(get(&api, &path).await.1, "local");
+
+    append_failed_result(&env, &created).await;
+    let client = env.pg().await;
+    let uuid: Uuid = id.parse().unwrap();
+    eventually("version 3 is projected", || async {
+        let v: i64 = client
+            .query_one("SELECT version FROM products WHERE id = $1", &[&uuid])
+            .await
+            .unwrap()
+            .get(0);
+        (v == 3).then_some(())
+    })
+    .await;
+    let projected_at = std::time::Instant::now();
+    // Asking for the new version bypasses the tier at once.
+    let (status, _, body) = get(&api, &format!("{path}?min_version=3")).await;
+    assert_eq!((status, body["version"].as_u64()), (200, Some(3)));
+    // Without it, the old version may be served until its entry's lifetime ends, never longer.
+    eventually("plain reads see version 3", || async {
+        (get(&api, &path).await.2["version"] == 3).then_some(())
+    })
+    .await;
+    let stale_for = projected_at.elapsed();
+    assert!(
+        stale_for <= Duration::from_millis(TTL_MS + 1_000),
+        "stale for {stale_for:?}, bound {TTL_MS} ms (+1 s scheduling slack)"
+    );
     projector.stop().await;
     api.stop().await;
     env.cleanup().await;

@@ -53,8 +53,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The application's routes and middleware over `state`.
 pub fn router(state: AppState, config: &Config) -> Router {
-    let limit = config.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .merge(routes::health::router())
         .merge(routes::users::router())
         .merge(routes::products::router())
@@ -68,6 +67,15 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 })),
             )
         })
+        .with_state(state);
+    with_middleware(routes, config)
+}
+
+/// The middleware every route runs behind: request id, tracing span, timeout, body limit. Public so
+/// that the benchmark's static-JSON ceiling runs through exactly the same stack.
+pub fn with_middleware(routes: Router, config: &Config) -> Router {
+    let limit = config.max_body_bytes;
+    routes
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
             req.extensions_mut().insert(BodyLimit(limit));
@@ -80,7 +88,6 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(middleware::from_fn(trace_request))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
-        .with_state(state)
 }
 
 /// One span per request (method, route, path, request id; status and latency when done), and the
@@ -157,6 +164,12 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         read_wait: Duration::from_millis(config.read_wait_ms),
         cache: platform::cache::ProductCache::connect(&config.cache)
             .map_err(|e| StartupError::Cache(e.to_string()))?,
+        local: (config.cache_local_ttl_ms > 0).then(|| {
+            Arc::new(read::LocalTier::new(
+                Duration::from_millis(config.cache_local_ttl_ms),
+                config.cache_local_max_entries,
+            ))
+        }),
         loads: Arc::default(),
         fault: config.fault,
     })

@@ -21,9 +21,44 @@ use crate::error::ApiError;
 use crate::routes::read_projected;
 use crate::state::AppState;
 
+/// The optional in-process tier: recently served products, each kept for a fixed lifetime. Bounded
+/// staleness by construction (the lifetime), bounded memory (emptied when full).
+pub struct LocalTier {
+    ttl: std::time::Duration,
+    max_entries: usize,
+    entries: std::sync::RwLock<HashMap<Uuid, (std::time::Instant, Representation)>>,
+}
+
+impl LocalTier {
+    /// A tier keeping entries for `ttl`, at most `max_entries` of them.
+    pub fn new(ttl: std::time::Duration, max_entries: usize) -> Self {
+        Self {
+            ttl,
+            max_entries,
+            entries: std::sync::RwLock::default(),
+        }
+    }
+
+    fn get(&self, id: Uuid, min_version: u64) -> Option<Representation> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (at, r) = entries.get(&id)?;
+        (at.elapsed() < self.ttl && r.version >= min_version).then(|| r.clone())
+    }
+
+    fn put(&self, id: Uuid, r: &Representation) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.max_entries {
+            entries.clear();
+        }
+        entries.insert(id, (std::time::Instant::now(), r.clone()));
+    }
+}
+
 /// Where an answer came from (the `x-cache` response header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Served from the in-process tier.
+    Local,
     /// Served from Redis.
     Hit,
     /// Read from PostgreSQL (and offered to the cache) by this request.
@@ -38,6 +73,7 @@ impl Source {
     /// Header value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Source::Local => "local",
             Source::Hit => "hit",
             Source::Miss => "miss",
             Source::Coalesced => "coalesced",
@@ -55,7 +91,9 @@ pub struct Representation {
     pub json: Bytes,
 }
 
-type Load = Shared<BoxFuture<'static, Result<Option<Representation>, String>>>;
+/// A load's result: the representation, and whether it came from the cache after all.
+type Loaded = Option<(Representation, bool)>;
+type Load = Shared<BoxFuture<'static, Result<Loaded, String>>>;
 
 /// In-flight database reads, by product and minimum version.
 #[derive(Default)]
@@ -89,11 +127,18 @@ pub async fn product(
     id: Uuid,
     min_version: u64,
 ) -> Result<Option<(Representation, Source)>, ApiError> {
+    if let Some(r) = state.local.as_ref().and_then(|l| l.get(id, min_version)) {
+        return Ok(Some((r, Source::Local)));
+    }
     let mut cache_up = false;
     if let Some(cache) = &state.cache {
         match cache.get(id).await {
             Ok(Some((version, json))) if version >= min_version => {
-                return Ok(Some((Representation { version, json }, Source::Hit)));
+                let r = Representation { version, json };
+                if let Some(local) = &state.local {
+                    local.put(id, &r);
+                }
+                return Ok(Some((r, Source::Hit)));
             }
             Ok(_) => cache_up = true,
             Err(error) => tracing::warn!(%error, "cache unavailable; reading PostgreSQL"),
@@ -114,21 +159,33 @@ pub async fn product(
     if leader {
         state.loads.finish(&key);
     }
-    let representation = result.map_err(ApiError::Unavailable)?;
-    let source = if cache_up {
-        Source::Miss
-    } else {
-        Source::Bypass
+    let Some((representation, from_cache)) = result.map_err(ApiError::Unavailable)? else {
+        return Ok(None);
     };
-    Ok(representation.map(|r| (r, source)))
+    if let Some(local) = &state.local {
+        local.put(id, &representation);
+    }
+    let source = match (cache_up, leader, from_cache) {
+        (false, _, _) => Source::Bypass,
+        (true, _, true) => Source::Hit,
+        (true, true, false) => Source::Miss,
+        (true, false, false) => Source::Coalesced,
+    };
+    Ok(Some((representation, source)))
 }
 
 /// The database read, and the cache fill.
-async fn load(
-    state: &AppState,
-    id: Uuid,
-    min_version: u64,
-) -> Result<Option<Representation>, ApiError> {
+///
+/// Looks at the cache once more first: a request that missed just before another load filled the
+/// entry (and finished, so it could not share it) finds it here instead of reading PostgreSQL again.
+async fn load(state: &AppState, id: Uuid, min_version: u64) -> Result<Loaded, ApiError> {
+    if let Some(cache) = &state.cache {
+        if let Ok(Some((version, json))) = cache.get(id).await {
+            if version >= min_version {
+                return Ok(Some((Representation { version, json }, true)));
+            }
+        }
+    }
     let sql = format!(
         "SELECT {PRODUCT_COLUMNS},
                 (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
@@ -153,7 +210,7 @@ async fn load(
             tracing::warn!(%error, "cannot fill the cache");
         }
     }
-    Ok(Some(representation))
+    Ok(Some((representation, false)))
 }
 
 #[cfg(test)]
@@ -176,10 +233,11 @@ mod tests {
                     async move {
                         loads.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        Ok(Some(Representation {
+                        let r = Representation {
                             version: 7,
                             json: Bytes::from_static(b"{}"),
-                        }))
+                        };
+                        Ok(Some((r, false)))
                     }
                     .boxed()
                     .shared()
@@ -188,7 +246,7 @@ mod tests {
                 if leader {
                     flight.finish(&key);
                 }
-                (out.unwrap().unwrap().version, leader)
+                (out.unwrap().unwrap().0.version, leader)
             }
         });
         let results = futures::future::join_all(callers).await;

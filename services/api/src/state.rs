@@ -21,6 +21,8 @@ pub struct AppState {
     pub read_wait: std::time::Duration,
     /// The product cache, when enabled.
     pub cache: Option<platform::cache::ProductCache>,
+    /// The in-process tier in front of Redis, when enabled.
+    pub local: Option<Arc<crate::read::LocalTier>>,
     /// Concurrent misses of one product share one database read.
     pub loads: Arc<crate::read::SingleFlight>,
     /// Injected failure, tests only.

@@ -35,6 +35,14 @@ pub struct CacheConfig {
         default_value_t = 100
     )]
     pub cache_timeout_ms: u64,
+    /// Connections to Redis (requests are spread over them; one connection serialises every command
+    /// through one socket and one task).
+    #[arg(
+        long = "cache-connections",
+        env = "CACHE_CONNECTIONS",
+        default_value_t = 4
+    )]
+    pub cache_connections: usize,
     /// Prefix of every key (tests use one each).
     #[arg(
         long = "cache-key-prefix",
@@ -88,7 +96,7 @@ return 1
 /// The product cache (cheap to clone).
 #[derive(Clone)]
 pub struct ProductCache {
-    client: Client,
+    client: Pool,
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
@@ -112,8 +120,8 @@ impl ProductCache {
                 p.default_command_timeout = timeout;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-            .build()?;
-        let _connection = client.connect();
+            .build_pool(cfg.cache_connections.max(1))?;
+        let _connections = client.connect_pool();
         Ok(Some(Self {
             client,
             prefix: cfg.cache_key_prefix.clone(),
@@ -132,7 +140,7 @@ impl ProductCache {
         &self,
         call: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, CacheError> {
-        if !self.client.is_connected() {
+        if !self.client.next().is_connected() {
             return Err(CacheError::Timeout);
         }
         match tokio::time::timeout(self.timeout, call).await {

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Read-path benchmark (issue #4): GET /products/:id with the cache (a), without it (b), the HTTP stack's
+# ceiling serving a static body of the same size (c), raw Redis GET (d) and raw PostgreSQL primary-key
+# select (e), all at the same concurrency on this machine, in one run. Prints a markdown table and the
+# ratios a/c, b/e, a/b. Needs wrk, redis-benchmark and pgbench (installed from Debian when missing).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+C="${BENCH_CONNECTIONS:-32}"
+D="${BENCH_SECONDS:-10}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target/release"
+tmp="$(mktemp -d)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+for tool in wrk redis-benchmark pgbench; do
+    command -v "$tool" >/dev/null || apt-get install -y -qq wrk redis-tools postgresql-client >/dev/null
+done
+scripts/check-services.sh
+cargo build --release --quiet --bin catalog-api --bin catalog-projector --bin catalogctl
+cargo build --release --quiet -p benches --bin static-json
+scripts/broker.sh restart bench 19192 >/dev/null
+
+export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench \
+    CACHE_KEY_PREFIX=bench: LOG_FORMAT=json RUST_LOG=warn
+"$bin/catalogctl" migrate --reset >/dev/null
+"$bin/catalog-projector" 2>"$tmp/projector.log" & pids+=($!)
+API_ADDR=127.0.0.1:18080 CACHE_LOCAL_TTL_MS=250 "$bin/catalog-api" 2>"$tmp/api-cache.log" & pids+=($!)
+API_ADDR=127.0.0.1:18083 "$bin/catalog-api" 2>"$tmp/api-redis.log" & pids+=($!)
+API_ADDR=127.0.0.1:18081 REDIS_URL= "$bin/catalog-api" 2>"$tmp/api-nocache.log" & pids+=($!)
+for port in 18080 18081 18083; do
+    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+done
+
+user=$(curl -fs -X POST http://127.0.0.1:18080/users -H 'Content-Type: application/json' \
+    -d "{\"name\":\"Bench\",\"email\":\"bench-$RANDOM$RANDOM@example.com\"}" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+product=$(curl -fs -X POST http://127.0.0.1:18080/products -H 'Content-Type: application/json' \
+    -d "{\"user_id\":\"$user\",\"product_name\":\"Walnut desk\",\"product_description\":\"Solid walnut, 140 x 70 cm, oiled.\",\"product_price\":\"349.90\",\"product_images\":[\"https://images.example.com/desk-front.jpg\",\"https://images.example.com/desk-side.jpg\"]}")
+id=$(echo "$product" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+curl -fs "http://127.0.0.1:18081/products/$id" >"$tmp/body.json"
+"$bin/static-json" "$tmp/body.json" 127.0.0.1:18082 2>/dev/null & pids+=($!)
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:18082/products/$id" >/dev/null && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:18080/products/$id" >/dev/null   # warm the cache entry
+size=$(wc -c <"$tmp/body.json")
+
+# wrk → "rps p50_ms p99_ms"
+run_wrk() {
+    wrk -t2 -c"$C" -d"${D}s" --latency "$1" >"$tmp/wrk.txt"
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/wrk.txt")
+    p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
+    p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+}
+to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
+    awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
+}
+
+curl -fs "http://127.0.0.1:18083/products/$id" >/dev/null
+a=$(run_wrk "http://127.0.0.1:18080/products/$id")
+a2=$(run_wrk "http://127.0.0.1:18083/products/$id")
+b=$(run_wrk "http://127.0.0.1:18081/products/$id")
+c=$(run_wrk "http://127.0.0.1:18082/products/$id")
+redis-benchmark -h 127.0.0.1 -p 6379 -c "$C" -n $((C * 5000)) -t get -d "$size" --csv >"$tmp/redis.csv" 2>/dev/null
+d=$(awk -F'"' 'NR==2 {print $4" "$12" "$16}' "$tmp/redis.csv")
+echo "SELECT id, user_id, product_name, product_description, product_price, product_images, images, compressed_product_images, version, created_at, updated_at FROM products WHERE id = '$id';" >"$tmp/q.sql"
+(cd "$tmp" && PGOPTIONS='-c search_path=bench' pgbench -h 127.0.0.1 -U postgres -n -M prepared -c "$C" -j 2 -T "$D" \
+    -f "$tmp/q.sql" --log --log-prefix="$tmp/pgb" catalog_bench >"$tmp/pgbench.txt" 2>&1)
+tps=$(awk '/^tps/ {print $3; exit}' "$tmp/pgbench.txt")
+cat "$tmp"/pgb* | awk '{print $3/1000}' | sort -n >"$tmp/lat.txt"
+n=$(wc -l <"$tmp/lat.txt")
+p50=$(awk -v n="$n" 'NR==int(n*0.50)+1 {printf "%.2f", $1}' "$tmp/lat.txt")
+p99=$(awk -v n="$n" 'NR==int(n*0.99)+1 {printf "%.2f", $1}' "$tmp/lat.txt")
+e="$tps $p50 $p99"
+
+echo
+echo "Body: $size bytes; concurrency $C; $D s per HTTP run; $(nproc) cores; $(date -u +%Y-%m-%dT%H:%MZ)"
+echo
+echo "| run | requests/s | p50 ms | p99 ms |"
+echo "|---|---:|---:|---:|"
+row() { read -r r p5 p9 <<<"$2"; printf '| %s | %.0f | %s | %s |\n' "$1" "$r" "$p5" "$p9"; }
+row "(a) GET /products/:id, cached: in-process tier (250 ms) + Redis (wrk)" "$a"
+row "(a') GET /products/:id, cached: Redis only (wrk)" "$a2"
+row "(b) GET /products/:id, cache disabled (wrk)" "$b"
+row "(c) static JSON, same stack and size (wrk)" "$c"
+row "(d) redis-benchmark -t get" "$d"
+row "(e) pgbench, select by primary key" "$e"
+ratio() { awk -v x="$(echo "$1" | cut -d' ' -f1)" -v y="$(echo "$2" | cut -d' ' -f1)" 'BEGIN { printf "%.2f", x / y }'; }
+echo
+echo "a/c = $(ratio "$a" "$c") (target ≥ 0.8)   b/e = $(ratio "$b" "$e") (target ≥ 0.7)   a/b = $(ratio "$a" "$b") (target ≥ 3)"
+echo "a'/c = $(ratio "$a2" "$c")   a'/b = $(ratio "$a2" "$b")   b/c = $(ratio "$b" "$c")"
