@@ -10,6 +10,7 @@ mod api;
 mod cache;
 mod compose;
 mod helpers;
+mod history;
 mod list;
 mod pipeline;
 mod projector;

@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_product_search.sql",
         sql: include_str!("../../../sql/0002_product_search.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_product_events.sql",
+        sql: include_str!("../../../sql/0003_product_events.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

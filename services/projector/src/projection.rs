@@ -44,6 +44,8 @@ struct Stream<S> {
     parked: BTreeMap<u64, serde_json::Value>,
     parked_added: HashSet<u64>,
     parked_removed: HashSet<u64>,
+    /// Envelopes applied in this batch, in order (the product history table gets them).
+    applied: Vec<events::WireEnvelope>,
 }
 
 impl<S> Default for Stream<S> {
@@ -51,6 +53,7 @@ impl<S> Default for Stream<S> {
         Self {
             state: None,
             dirty: false,
+            applied: Vec::new(),
             parked: BTreeMap::new(),
             parked_added: HashSet::new(),
             parked_removed: HashSet::new(),
@@ -109,6 +112,7 @@ impl<S: Fold> Stream<S> {
         match result {
             Ok(()) => {
                 self.dirty = true;
+                self.applied.push(envelope.to_wire());
                 Step::Applied
             }
             Err(ApplyError::AlreadyApplied { .. }) => Step::Duplicate,
@@ -254,6 +258,23 @@ pub async fn apply_batch(
         if let (true, Some(state)) = (stream.dirty, &stream.state) {
             upsert_product(tx, state).await?;
             report.changed_products.push((state.id, state.version));
+        }
+        for wire in &stream.applied {
+            let sequence = i64::try_from(wire.sequence).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO product_events
+                    (aggregate_id, sequence, event_id, event_type, occurred_at, envelope)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[
+                    &wire.aggregate_id,
+                    &sequence,
+                    &wire.event_id,
+                    &wire.event_type,
+                    &wire.occurred_at,
+                    &Json(wire),
+                ],
+            )
+            .await?;
         }
     }
     for stream in users.values() {

@@ -33,6 +33,7 @@ pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/products", post(create_product).get(list_products))
         .route("/products/{id}", get(get_product))
+        .route("/products/{id}/events", get(list_events))
 }
 
 /// Creates a product: appends `ProductCreated` then `ImagesRequested` to the product's partition and
@@ -137,6 +138,10 @@ async fn get_product(
             )])
         })?,
     };
+    if let Some(raw) = params.get("as_of_version") {
+        let version = positive(raw, "as_of_version")?;
+        return Ok(Json(product_as_of(&state, id, version).await?).into_response());
+    }
     let Some((product, source)) = crate::read::product(&state, id, min_version).await? else {
         return Err(ApiError::NotFound("product"));
     };
@@ -170,6 +175,110 @@ async fn get_product(
         header::HeaderValue::from_static("no-cache"),
     );
     Ok(response)
+}
+
+fn positive(raw: &str, field: &str) -> Result<u64, ApiError> {
+    raw.parse::<u64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::new(
+            field,
+            "must be a whole number of at least 1",
+        )])
+    })
+}
+
+/// The product as it was right after event `version`: its history folded up to there.
+async fn product_as_of(state: &AppState, id: Uuid, version: u64) -> Result<ProductState, ApiError> {
+    let client = state.pool.get().await?;
+    let bound = i64::try_from(version).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            "SELECT envelope FROM product_events WHERE aggregate_id = $1 AND sequence <= $2
+              ORDER BY sequence",
+            &[&id, &bound],
+        )
+        .await?;
+    let stream = rows
+        .iter()
+        .map(|row| {
+            let tokio_postgres::types::Json(wire): tokio_postgres::types::Json<
+                events::WireEnvelope,
+            > = row.get(0);
+            Envelope::<ProductEvent>::from_wire(wire)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::Internal(format!("stored event does not decode: {e}")))?;
+    if stream.last().map(|e| e.sequence) != Some(version) {
+        return Err(ApiError::NotFound("product version"));
+    }
+    ProductState::fold(&stream)
+        .map_err(|e| ApiError::Internal(format!("stored history does not fold: {e}")))?
+        .ok_or(ApiError::NotFound("product version"))
+}
+
+/// A page of a product's history.
+#[derive(Debug, Serialize)]
+struct EventPage {
+    /// Envelopes in stream order, exactly as on the topic (after upcasting to the current version).
+    items: Vec<events::WireEnvelope>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_after: Option<u64>,
+}
+
+/// `GET /products/{id}/events?after=<sequence>&limit=<n>`: the product's events in order.
+async fn list_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<EventPage>, ApiError> {
+    let id = path_id(&id)?;
+    let after = match params.get("after") {
+        None => 0,
+        Some(raw) => raw.parse::<u64>().map_err(|_| {
+            ApiError::Validation(vec![FieldError::new("after", "must be a whole number")])
+        })?,
+    };
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::Validation(vec![FieldError::new(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_LIMIT}"),
+                )])
+            })?,
+    };
+    let client = state.pool.get().await?;
+    let after_bound = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            "SELECT envelope FROM product_events WHERE aggregate_id = $1 AND sequence > $2
+              ORDER BY sequence LIMIT $3",
+            &[&id, &after_bound, &(limit + 1)],
+        )
+        .await?;
+    if rows.is_empty() && after == 0 {
+        return Err(ApiError::NotFound("product"));
+    }
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let tokio_postgres::types::Json(wire): tokio_postgres::types::Json<events::WireEnvelope> =
+            row.get(0);
+        // Upcast to the current schema version, as every consumer reads it.
+        let current = Envelope::<ProductEvent>::from_wire(wire)
+            .map_err(|e| ApiError::Internal(format!("stored event does not decode: {e}")))?;
+        items.push(current.to_wire());
+    }
+    let next_after = if items.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+        items.pop();
+        items.last().map(|e| e.sequence)
+    } else {
+        None
+    };
+    Ok(Json(EventPage { items, next_after }))
 }
 
 /// Validated filters of the product list.
