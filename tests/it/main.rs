@@ -14,3 +14,4 @@ mod history;
 mod list;
 mod pipeline;
 mod projector;
+mod replay;

@@ -27,6 +27,32 @@ enum Command {
         #[command(flatten)]
         kafka: KafkaConfig,
     },
+    /// Rebuild the projection from offset 0 of the event topics.
+    ///
+    /// By default side by side: a fresh schema is filled while the live projection keeps serving, then
+    /// reads switch to it atomically once it has caught up, changed cache entries are invalidated and
+    /// the old rows retired. `--in-place` empties and refills the live tables (development; stop the
+    /// projector first).
+    Replay {
+        /// Empty and refill the live tables instead of rebuilding beside them.
+        #[arg(long)]
+        in_place: bool,
+        /// Rebuild beside the live tables but do not switch; print the differences and keep the schema.
+        #[arg(long, conflicts_with = "in_place")]
+        no_switch: bool,
+        /// The live projector's consumer group (whose offsets mark the live position).
+        #[arg(long, env = "PROJECTOR_GROUP_ID", default_value = "catalog-projector")]
+        group_id: String,
+        /// Events per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        #[command(flatten)]
+        kafka: KafkaConfig,
+        #[command(flatten)]
+        db: DbConfig,
+        #[command(flatten)]
+        cache: platform::cache::CacheConfig,
+    },
     /// Inspect and re-drive the image pipeline's dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -101,6 +127,60 @@ async fn main() -> anyhow::Result<()> {
             })?;
             println!("topics ready: {:?}", kafka.topics().all());
         }
+        Command::Replay {
+            in_place,
+            no_switch,
+            group_id,
+            batch_size,
+            kafka,
+            db,
+            cache,
+        } => {
+            let options = projector::replay::ReplayOptions {
+                kafka,
+                db: db.clone(),
+                live_group: group_id,
+                batch_size,
+                side_by_side: !in_place,
+                switch: !no_switch,
+                progress: true,
+            };
+            let report = projector::replay::replay(&options).await?;
+            if let Some(cache) = platform::cache::ProductCache::connect(&cache)? {
+                cache
+                    .wait_connected(std::time::Duration::from_secs(2))
+                    .await;
+                for (id, version) in &report.changed_products {
+                    if let Err(error) = cache.invalidate(*id, *version).await {
+                        tracing::warn!(%error, product.id = %id, "cannot invalidate; the entry expires with its TTL");
+                    }
+                }
+            }
+            if report.switched {
+                println!(
+                    "replayed {} events; reads switched to the rebuild ({} product(s) changed); old rows retired",
+                    report.events,
+                    report.changed_products.len()
+                );
+            } else if no_switch {
+                let pool = platform::db::pool(&db)?;
+                let differences =
+                    projector::replay::compare(&pool, &db.schema, &report.schema).await?;
+                println!(
+                    "replayed {} events into schema {}",
+                    report.events, report.schema
+                );
+                if differences.is_empty() {
+                    println!("identical to {} row for row", db.schema);
+                } else {
+                    for d in differences {
+                        println!("difference: {d}");
+                    }
+                }
+            } else {
+                println!("replayed {} events in place", report.events);
+            }
+        }
         Command::Dlq {
             action,
             product,
@@ -167,4 +247,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

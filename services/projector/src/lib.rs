@@ -7,6 +7,7 @@
 mod config;
 pub mod position;
 pub mod projection;
+pub mod replay;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,347 @@
+//! Rebuilding the projection from offset 0 of the event topics (the log is the source of truth).
+//!
+//! Side by side (the default): a fresh schema is migrated and filled by replaying every partition from
+//! the beginning with the projector's own batch code, while the live projection keeps serving and the
+//! live projector keeps consuming. Once the rebuild has reached the live projector's stored offsets, the
+//! switch happens in one transaction that locks the live tables (readers wait a moment, never see a
+//! missing or half-copied product), checks again that the rebuild is not behind, replaces the rows and
+//! keeps the newer offsets. The cache entries of products whose rows changed are invalidated, and the
+//! side schema is dropped.
+//!
+//! In place (development): the live projection tables are emptied and refilled directly; stop the
+//! projector first.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use platform::config::{DbConfig, KafkaConfig};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::position::Positions;
+
+/// Tables of the projection (the API's command log is not rebuilt: it is not derived from the log).
+const PROJECTION_TABLES: [&str; 5] = [
+    "users",
+    "products",
+    "product_events",
+    "projection_parked_events",
+    "projection_rejected",
+];
+
+/// Consumer name the rebuild stores its offsets under, in the side schema.
+const REBUILD_CONSUMER: &str = "replay";
+
+/// What can go wrong in a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// PostgreSQL failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Pool or migration failure.
+    #[error(transparent)]
+    Db(#[from] platform::db::DbError),
+    /// No connection could be had.
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// How to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Kafka settings (topics, brokers).
+    pub kafka: KafkaConfig,
+    /// The live database and schema.
+    pub db: DbConfig,
+    /// The live projector's consumer group (its offsets are the live position).
+    pub live_group: String,
+    /// Events per transaction.
+    pub batch_size: usize,
+    /// Rebuild beside the live tables and switch (false: empty and refill the live tables).
+    pub side_by_side: bool,
+    /// Side by side only: switch reads to the rebuild when it has caught up.
+    pub switch: bool,
+    /// Print progress to standard error.
+    pub progress: bool,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// Events read from the log.
+    pub events: u64,
+    /// The schema the rebuild was written to.
+    pub schema: String,
+    /// Whether reads were switched to the rebuild.
+    pub switched: bool,
+    /// Products whose row differed between the live projection and the rebuild (their cache entries
+    /// were invalidated at the switch).
+    pub changed_products: Vec<(uuid::Uuid, u64)>,
+}
+
+fn side_schema(live: &str) -> String {
+    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S");
+    let base: String = live.chars().take(40).collect();
+    format!("{base}_rebuild_{stamp}")
+}
+
+async fn positions(pool: &Pool, schema: &str, consumer: &str) -> Result<Positions, ReplayError> {
+    let client = pool.get().await?;
+    Ok(client
+        .query(
+            &format!("SELECT topic, partition, next_offset FROM {schema}.projection_offsets WHERE consumer = $1"),
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// Whether `rebuilt` has reached `live` on every partition live has consumed.
+fn caught_up(rebuilt: &Positions, live: &Positions) -> bool {
+    live.iter()
+        .all(|(tp, next)| rebuilt.get(tp).is_some_and(|r| r >= next))
+}
+
+fn lag(rebuilt: &Positions, live: &Positions) -> i64 {
+    live.iter()
+        .map(|(tp, next)| (next - rebuilt.get(tp).copied().unwrap_or(0)).max(0))
+        .sum()
+}
+
+/// A consumer assigned every partition of the event topics from the beginning (no group offsets).
+fn from_beginning(kafka: &KafkaConfig) -> Result<StreamConsumer, ReplayError> {
+    let group = format!("catalog-replay-{}", uuid::Uuid::new_v4().simple());
+    let consumer = platform::kafka::consumer(kafka, &group, "catalog-replay")?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in kafka.topics().all() {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Replays the whole log; see the module docs.
+pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    let live_pool = platform::db::pool(&options.db)?;
+    let live_schema = options.db.schema.clone();
+    let (target, consumer_name) = if options.side_by_side {
+        let mut target = options.db.clone();
+        target.schema = side_schema(&live_schema);
+        platform::db::migrate(&target).await?;
+        (target, REBUILD_CONSUMER.to_owned())
+    } else {
+        let client = live_pool.get().await?;
+        client
+            .batch_execute(&format!(
+                "TRUNCATE {}; DELETE FROM projection_offsets WHERE consumer = '{}'",
+                PROJECTION_TABLES.join(", "),
+                options.live_group.replace('\'', "''")
+            ))
+            .await?;
+        (options.db.clone(), options.live_group.clone())
+    };
+    let target_pool = platform::db::pool(&target)?;
+    let consumer = from_beginning(&options.kafka)?;
+    let mut report = ReplayReport {
+        schema: target.schema.clone(),
+        ..ReplayReport::default()
+    };
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    let mut rebuilt: Positions = HashMap::new();
+    let idle = Duration::from_millis(500);
+    loop {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        while batch.len() < options.batch_size {
+            match tokio::time::timeout(idle, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "kafka consume error during replay"),
+                Err(_) => break,
+            }
+        }
+        let idle_now = batch.len() < options.batch_size;
+        if !batch.is_empty() {
+            let mut client = target_pool.get().await?;
+            let tx = client.transaction().await?;
+            let (_, positions) =
+                crate::projection::apply_batch(&tx, &consumer_name, &batch).await?;
+            tx.commit().await?;
+            report.events += batch.len() as u64;
+            rebuilt = positions;
+        }
+        let live = positions(&live_pool, &live_schema, &options.live_group).await?;
+        if options.progress && (last_print.elapsed() >= Duration::from_secs(1) || idle_now) {
+            let rate = report.events as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let behind = if options.side_by_side {
+                lag(&rebuilt, &live)
+            } else {
+                0
+            };
+            eprint!(
+                "\rreplay: {} events, {:.0} events/s, lag {} events, ETA {:.1} s      ",
+                report.events,
+                rate,
+                behind,
+                behind as f64 / rate.max(1.0)
+            );
+            last_print = Instant::now();
+        }
+        if !idle_now {
+            continue;
+        }
+        if !options.side_by_side {
+            break;
+        }
+        if !caught_up(&rebuilt, &live) {
+            continue;
+        }
+        if !options.switch {
+            break;
+        }
+        if let Some(changed) = switch(
+            &live_pool,
+            &live_schema,
+            &target.schema,
+            &options.live_group,
+        )
+        .await?
+        {
+            report.changed_products = changed;
+            report.switched = true;
+            break;
+        }
+    }
+    if options.progress {
+        eprintln!();
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    if report.switched {
+        let client = live_pool.get().await?;
+        client
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", target.schema))
+            .await?;
+    }
+    Ok(report)
+}
+
+/// Replaces the live rows by the rebuilt ones in one transaction, unless the live projector has moved
+/// past the rebuild meanwhile (then `None`: replay on and try again).
+async fn switch(
+    pool: &Pool,
+    live: &str,
+    rebuild: &str,
+    live_group: &str,
+) -> Result<Option<Vec<(uuid::Uuid, u64)>>, ReplayError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    // Readers of these tables wait here for the commit; the live projector's next batch too.
+    tx.batch_execute(&format!(
+        "LOCK TABLE {} , {live}.projection_offsets IN ACCESS EXCLUSIVE MODE",
+        PROJECTION_TABLES
+            .iter()
+            .map(|t| format!("{live}.{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .await?;
+    let live_now: Positions = tx
+        .query(
+            &format!("SELECT topic, partition, next_offset FROM {live}.projection_offsets WHERE consumer = $1"),
+            &[&live_group],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let rebuilt: Positions = tx
+        .query(
+            &format!("SELECT topic, partition, next_offset FROM {rebuild}.projection_offsets WHERE consumer = $1"),
+            &[&REBUILD_CONSUMER],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    if !caught_up(&rebuilt, &live_now) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let changed = tx
+        .query(
+            &format!(
+                "SELECT r.id, r.version FROM {rebuild}.products r
+                  WHERE NOT EXISTS (SELECT 1 FROM {live}.products l WHERE l = r)"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, uuid::Uuid>(0),
+                u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+            )
+        })
+        .collect();
+    let mut sql = format!(
+        "TRUNCATE {};",
+        PROJECTION_TABLES
+            .iter()
+            .map(|t| format!("{live}.{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for table in PROJECTION_TABLES {
+        sql.push_str(&format!(
+            "INSERT INTO {live}.{table} SELECT * FROM {rebuild}.{table};"
+        ));
+    }
+    tx.batch_execute(&sql).await?;
+    for ((topic, partition), next) in rebuilt {
+        tx.execute(
+            &format!(
+                "INSERT INTO {live}.projection_offsets (consumer, topic, partition, next_offset)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (consumer, topic, partition) DO UPDATE
+                    SET next_offset = GREATEST(projection_offsets.next_offset, EXCLUDED.next_offset)"
+            ),
+            &[&live_group, &topic, &partition, &next],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Some(changed))
+}
+
+/// Differences between the projection tables of two schemas (empty when identical row for row).
+pub async fn compare(pool: &Pool, left: &str, right: &str) -> Result<Vec<String>, ReplayError> {
+    let client = pool.get().await?;
+    let mut differences = Vec::new();
+    for table in ["users", "products", "product_events"] {
+        for (a, b) in [(left, right), (right, left)] {
+            let n: i64 = client
+                .query_one(
+                    &format!("SELECT count(*) FROM (SELECT * FROM {a}.{table} EXCEPT SELECT * FROM {b}.{table}) d"),
+                    &[],
+                )
+                .await?
+                .get(0);
+            if n > 0 {
+                differences.push(format!("{n} row(s) of {a}.{table} are not in {b}.{table}"));
+            }
+        }
+    }
+    Ok(differences)
+}

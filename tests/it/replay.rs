@@ -1,0 +1,260 @@
+//! Replay: a rebuilt projection equals the live one row for row, and reads never fail while a
+//! side-by-side rebuild runs and switches.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use events::{
+    Decimal, Envelope, ImageOutcome, ImageOutcomeStatus, ImageRef, ImagesProcessed,
+    ImagesRequested, ProductCreated, ProductEvent,
+};
+use futures::future::join_all;
+use rdkafka::producer::FutureRecord;
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, eventually};
+
+/// A varied history: every product created and requested; most processed (some images failed); every
+/// fifth re-driven and processed again.
+fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
+    let mut out = Vec::new();
+    for n in 0..count {
+        let id = Uuid::now_v7();
+        let images: Vec<ImageRef> = (0..2)
+            .map(|p| ImageRef {
+                position: p,
+                url: format!("https://x.example/{n}/{p}.jpg"),
+            })
+            .collect();
+        let outcome = |position: u32, ready: bool| ImageOutcome {
+            position,
+            url: format!("https://x.example/{n}/{position}.jpg"),
+            status: if ready {
+                ImageOutcomeStatus::Ready
+            } else {
+                ImageOutcomeStatus::Failed
+            },
+            variants: vec![],
+            error_class: (!ready).then(|| "timeout".to_owned()),
+            reason: (!ready).then(|| "gave up".to_owned()),
+        };
+        let mut events = vec![
+            ProductEvent::Created(ProductCreated {
+                user_id: Uuid::now_v7(),
+                product_name: format!("Product {n}"),
+                product_description: String::new(),
+                product_price: Decimal::new(n as i64 * 101, 2),
+                product_images: images.iter().map(|i| i.url.clone()).collect(),
+            }),
+            ProductEvent::ImagesRequested(ImagesRequested {
+                images: images.clone(),
+            }),
+        ];
+        if n % 4 != 3 {
+            events.push(ProductEvent::ImagesProcessed(ImagesProcessed {
+                request_sequence: 2,
+                images: vec![outcome(0, true), outcome(1, n % 5 != 0)],
+            }));
+            if n % 5 == 0 {
+                events.push(ProductEvent::ImagesRequested(ImagesRequested {
+                    images: vec![images[1].clone()],
+                }));
+                events.push(ProductEvent::ImagesProcessed(ImagesProcessed {
+                    request_sequence: 4,
+                    images: vec![outcome(1, true)],
+                }));
+            }
+        }
+        for (i, e) in events.into_iter().enumerate() {
+            out.push(Envelope::new(id, i as u64 + 1, Utc::now(), None, e));
+        }
+    }
+    out
+}
+
+async fn publish(env: &TestEnv, events: &[Envelope<ProductEvent>]) {
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    let topic = env.kafka().topics().products;
+    let payloads: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| (e.aggregate_id.to_string(), e.to_json()))
+        .collect();
+    for chunk in payloads.chunks(400) {
+        for r in join_all(chunk.iter().map(|(k, p)| {
+            producer.send(
+                FutureRecord::to(&topic).key(k).payload(p),
+                Duration::from_secs(10),
+            )
+        }))
+        .await
+        {
+            r.unwrap();
+        }
+    }
+}
+
+fn options(env: &TestEnv, switch: bool) -> projector::replay::ReplayOptions {
+    let config = env.projector_config();
+    projector::replay::ReplayOptions {
+        kafka: env.kafka(),
+        db: env.db(),
+        live_group: config.group_id,
+        batch_size: 200,
+        side_by_side: true,
+        switch,
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read() {
+    const PRODUCTS: usize = 200;
+    let env = TestEnv::new().await;
+    let api = Arc::new(env.spawn_api().await);
+    let projector = env.spawn_projector();
+    let history = histories(PRODUCTS);
+    publish(&env, &history).await;
+    let client = env.pg().await;
+    let total_events = history.len() as i64;
+    eventually("the live projection has every event", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM product_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == total_events).then_some(())
+    })
+    .await;
+
+    // Rebuild beside the live tables, without switching: identical row for row.
+    let report = projector::replay::replay(&options(&env, false))
+        .await
+        .unwrap();
+    assert!(report.events >= history.len() as u64);
+    let pool = platform::db::pool(&env.db()).unwrap();
+    let differences = projector::replay::compare(&pool, &env.schema, &report.schema)
+        .await
+        .unwrap();
+    assert!(differences.is_empty(), "{differences:?}");
+    // The comparison does see a difference when there is one.
+    client
+        .batch_execute(&format!(
+            "UPDATE {}.products SET product_name = 'tampered' WHERE id = (SELECT id FROM {0}.products LIMIT 1)",
+            report.schema
+        ))
+        .await
+        .unwrap();
+    let differences = projector::replay::compare(&pool, &env.schema, &report.schema)
+        .await
+        .unwrap();
+    assert_eq!(differences.len(), 2, "{differences:?}");
+    client
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", report.schema))
+        .await
+        .unwrap();
+
+    // Now rebuild and switch while readers hammer existing products and new events keep coming.
+    let ids: Vec<Uuid> = history
+        .iter()
+        .filter(|e| e.sequence == 1)
+        .map(|e| e.aggregate_id)
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let (api, ids, stop, reads, failures) = (
+                api.clone(),
+                ids.clone(),
+                stop.clone(),
+                reads.clone(),
+                failures.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = r;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = ids[i % ids.len()];
+                    i += 7;
+                    let status = api.get(&format!("/products/{id}")).await.status();
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    if status != 200 {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let more = histories(20);
+    let writer = {
+        let env_kafka = env.kafka();
+        let more = more.clone();
+        tokio::spawn(async move {
+            let producer = platform::kafka::producer(&env_kafka, "test").unwrap();
+            for e in &more {
+                producer
+                    .send(
+                        FutureRecord::to(&env_kafka.topics().products)
+                            .key(&e.aggregate_id.to_string())
+                            .payload(&e.to_json()),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let report = projector::replay::replay(&options(&env, true))
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(report.switched);
+    assert!(
+        reads.load(Ordering::SeqCst) > 50,
+        "the readers ran during the rebuild"
+    );
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no read failed during the rebuild and switch"
+    );
+
+    // The live projector goes on after the switch: everything, including what arrived meanwhile, is
+    // there exactly once.
+    let expected = (history.len() + more.len()) as i64;
+    eventually("the switched projection has every event", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM product_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == expected).then_some(())
+    })
+    .await;
+    let products: i64 = client
+        .query_one("SELECT count(*) FROM products", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(products, (PRODUCTS + 20) as i64);
+    let side_schemas: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&report.schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(side_schemas, 0, "the old rows are retired");
+
+    projector.stop().await;
+    if let Ok(api) = Arc::try_unwrap(api) {
+        api.stop().await;
+    }
+    env.cleanup().await;
+}
