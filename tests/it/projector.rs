@@ -214,3 +214,22 @@ async fn an_early_event_waits_for_its_predecessor_and_garbage_is_kept_not_droppe
     projector.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn event_topics_with_finite_retention_are_refused_at_start_up() {
+    let prefix = format!("t{}.", &Uuid::new_v4().simple().to_string()[..16]);
+    let mut kafka = TestEnv::new().await.kafka();
+    kafka.topic_prefix = prefix;
+    let topics = kafka.topics();
+    platform::kafka::create_topics(
+        &kafka,
+        &[(&topics.users, 86_400_000), (&topics.products, 86_400_000)],
+    )
+    .await
+    .unwrap();
+    let error = platform::kafka::ensure_topics(&kafka)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("retention.ms=86400000"), "{error}");
+}

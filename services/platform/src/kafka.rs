@@ -73,12 +73,59 @@ pub fn consumer_with_context<C: rdkafka::consumer::ConsumerContext + 'static>(
     consumer_config(cfg, group_id, client_id).create_with_context(context)
 }
 
-/// Creates the event topics that do not exist yet, with infinite retention: the log is the source of
-/// truth and projections are rebuilt from offset 0.
+/// Creates the event topics that do not exist yet, with infinite retention, and checks that existing
+/// ones keep everything too: the log is the source of truth and projections are rebuilt from offset 0,
+/// so an event topic with finite retention is refused at start-up.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
     let topics = cfg.topics();
     let wanted: Vec<(&str, i64)> = topics.all().into_iter().map(|t| (t, -1)).collect();
-    create_topics(cfg, &wanted).await
+    create_topics(cfg, &wanted).await?;
+    check_retention(cfg, &topics.all()).await
+}
+
+/// Fails if a topic's `retention.ms` or `retention.bytes` is not -1 (keep forever). A broker that does
+/// not report the setting is trusted, with a warning.
+pub async fn check_retention(cfg: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = base(cfg, "catalog-admin").create()?;
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    for (topic, result) in topics
+        .iter()
+        .zip(admin.describe_configs(&specs, &options).await?)
+    {
+        let resource = match result {
+            Ok(resource) => resource,
+            Err(code) => {
+                tracing::warn!(topic, error = %code, "broker did not describe the topic; retention not checked");
+                continue;
+            }
+        };
+        for key in ["retention.ms", "retention.bytes"] {
+            match resource.get(key).and_then(|e| e.value.as_deref()) {
+                Some("-1") => {}
+                Some(value) => {
+                    tracing::error!(
+                        topic,
+                        setting = key,
+                        value,
+                        "event topic does not keep everything"
+                    );
+                    return Err(KafkaError::AdminOpCreation(format!(
+                        "topic {topic} has {key}={value}; event topics must keep everything ({key}=-1): \
+                         set it with kafka-configs --alter --add-config {key}=-1"
+                    )));
+                }
+                None => tracing::warn!(
+                    topic,
+                    setting = key,
+                    "broker did not report the setting; retention not checked"
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates the topics in `wanted` (name, `retention.ms`, -1 for forever) that do not exist yet.
