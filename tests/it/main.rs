@@ -9,6 +9,7 @@
 mod api;
 mod cache;
 mod compose;
+mod downstream;
 mod helpers;
 mod history;
 mod list;

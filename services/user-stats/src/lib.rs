@@ -1,0 +1,131 @@
+//! An example of a downstream service built on the catalog's public event contract (docs/EVENTS.md):
+//! it keeps, per user, how many products they have created.
+//!
+//! It shows the safe way to consume: its own consumer group, `earliest` start (the topics keep
+//! everything), effects idempotent per event (a product is counted once however often its
+//! `ProductCreated` is delivered, because the count changes only when the product's row is new), the
+//! Kafka offset committed only after the database transaction, unknown event types ignored.
+
+use std::future::Future;
+
+use events::{AnyEnvelope, ProductEvent};
+use platform::config::{DbConfig, KafkaConfig, LogConfig};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// Configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "catalog-user-stats",
+    about = "Per-user product counts from catalog events"
+)]
+pub struct Config {
+    /// Consumer group of this service.
+    #[arg(
+        long,
+        env = "USER_STATS_GROUP_ID",
+        default_value = "catalog-user-stats"
+    )]
+    pub group_id: String,
+    /// PostgreSQL settings (the tables are created in DB_SCHEMA on start-up).
+    #[command(flatten)]
+    pub db: DbConfig,
+    /// Kafka settings.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Log settings.
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// PostgreSQL.
+    #[error(transparent)]
+    Db(#[from] platform::db::DbError),
+    /// PostgreSQL query.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Kafka.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// No connection.
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS user_stats_products (
+    product_id uuid PRIMARY KEY,
+    user_id    uuid NOT NULL
+);
+CREATE TABLE IF NOT EXISTS user_product_counts (
+    user_id  uuid PRIMARY KEY,
+    products bigint NOT NULL
+);";
+
+/// Consumes until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    let pool = platform::db::pool(&config.db)?;
+    pool.get().await?.batch_execute(SCHEMA).await?;
+    let consumer =
+        platform::kafka::consumer(&config.kafka, &config.group_id, "catalog-user-stats")?;
+    consumer.subscribe(&[&config.kafka.topics().products])?;
+    tokio::pin!(shutdown);
+    loop {
+        let message = tokio::select! {
+            () = &mut shutdown => break,
+            m = consumer.recv() => match m {
+                Ok(m) => m.detach(),
+                Err(error) => {
+                    tracing::warn!(%error, "kafka consume error");
+                    continue;
+                }
+            },
+        };
+        // Only ProductCreated matters here; read the header before parsing anything.
+        let is_created = message
+            .headers()
+            .and_then(|h| {
+                use rdkafka::message::Headers;
+                h.iter()
+                    .find(|h| h.key == events::header_names::TYPE)
+                    .and_then(|h| h.value)
+            })
+            .is_none_or(|t| t == b"ProductCreated");
+        if is_created {
+            if let Some(Ok(AnyEnvelope::Product(e))) = message.payload().map(AnyEnvelope::from_json)
+            {
+                if let ProductEvent::Created(created) = &e.event {
+                    let mut client = pool.get().await?;
+                    let tx = client.transaction().await?;
+                    let new = tx
+                        .execute(
+                            "INSERT INTO user_stats_products (product_id, user_id) VALUES ($1, $2)
+                             ON CONFLICT DO NOTHING",
+                            &[&e.aggregate_id, &created.user_id],
+                        )
+                        .await?;
+                    if new == 1 {
+                        tx.execute(
+                            "INSERT INTO user_product_counts (user_id, products) VALUES ($1, 1)
+                             ON CONFLICT (user_id) DO UPDATE SET products = user_product_counts.products + 1",
+                            &[&created.user_id],
+                        )
+                        .await?;
+                    }
+                    tx.commit().await?;
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            message.topic(),
+            message.partition(),
+            Offset::Offset(message.offset() + 1),
+        )?;
+        consumer.commit(&tpl, CommitMode::Async)?;
+    }
+    Ok(())
+}
