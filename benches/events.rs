@@ -18,6 +18,7 @@ fn envelope() -> Envelope<ProductEvent> {
             product_name: "Walnut desk".into(),
             product_description: "Solid walnut, 140 x 70 cm.".into(),
             product_price: Decimal::new(34990, 2),
+            currency: "EUR".into(),
             product_images: vec![
                 "https://images.example.com/desk-front.jpg".into(),
                 "https://images.example.com/desk-side.jpg".into(),

@@ -46,6 +46,7 @@ fn handler(c: &mut Criterion) {
             product_name: "Walnut desk".into(),
             product_description: "Solid walnut, 140 x 70 cm, oiled.".into(),
             product_price: rust_decimal::Decimal::new(34990, 2),
+            product_currency: "EUR".into(),
             product_images: vec!["https://images.example.com/desk-front.jpg".into()],
             images: vec![],
             compressed_product_images: vec![],

@@ -19,6 +19,8 @@ pub struct ProductCreated {
     /// Exact price with at most two decimal places, as a JSON string (`"19.99"`), never a float.
     #[serde(with = "rust_decimal::serde::str")]
     pub product_price: Decimal,
+    /// ISO 4217 currency of the price (schema version 2; version 1 events were all in `EUR`).
+    pub currency: String,
     /// Source image URLs (http/https) in the order the client gave them.
     pub product_images: Vec<String>,
 }
@@ -131,9 +133,8 @@ impl DomainEvent for ProductEvent {
 
     fn schema_version(&self) -> u32 {
         match self {
-            ProductEvent::Created(_)
-            | ProductEvent::ImagesRequested(_)
-            | ProductEvent::ImagesProcessed(_) => 1,
+            ProductEvent::Created(_) => 2,
+            ProductEvent::ImagesRequested(_) | ProductEvent::ImagesProcessed(_) => 1,
         }
     }
 

@@ -80,6 +80,8 @@ pub struct ProductState {
     /// Exact price, serialised as a string with two decimals.
     #[serde(with = "rust_decimal::serde::str")]
     pub product_price: Decimal,
+    /// ISO 4217 currency of the price.
+    pub product_currency: String,
     /// Source image URLs, in order.
     pub product_images: Vec<String>,
     /// Processing status of each source image.
@@ -112,6 +114,7 @@ impl ProductState {
             product_name: e.product_name.clone(),
             product_description: e.product_description.clone(),
             product_price: e.product_price.round_dp(2),
+            product_currency: e.currency.clone(),
             product_images: e.product_images.clone(),
             images: Vec::new(),
             compressed_product_images: Vec::new(),
@@ -280,6 +283,7 @@ mod tests {
                 product_name: "Desk".into(),
                 product_description: String::new(),
                 product_price: Decimal::new(34990, 2),
+                currency: "EUR".into(),
                 product_images: vec!["https://x.example/a.jpg".into()],
             }),
         )

@@ -12,9 +12,8 @@ use crate::{AggregateType, DecodeError};
 fn newest_version(aggregate_type: AggregateType, event_type: &str) -> Option<u32> {
     match (aggregate_type, event_type) {
         (AggregateType::User, "UserRegistered") => Some(1),
-        (AggregateType::Product, "ProductCreated" | "ImagesRequested" | "ImagesProcessed") => {
-            Some(1)
-        }
+        (AggregateType::Product, "ProductCreated") => Some(2),
+        (AggregateType::Product, "ImagesRequested" | "ImagesProcessed") => Some(1),
         _ => None,
     }
 }
@@ -39,7 +38,41 @@ pub fn upcast(
             newest,
         });
     }
-    // Every event type is still at version 1: there is no step to apply yet. A step is written as
-    // `(AggregateType::Product, "ProductCreated", 1) => v1_to_v2(data)` in a loop up to `newest`.
+    let mut data = data;
+    for from in version..newest {
+        data = match (aggregate_type, event_type, from) {
+            (AggregateType::Product, "ProductCreated", 1) => product_created_v1_to_v2(data),
+            // Every other (type, version) below the newest would need a step here.
+            _ => data,
+        };
+    }
     Ok(data)
+}
+
+/// `ProductCreated` v2 names the price's currency. Every v1 price was in euros.
+fn product_created_v1_to_v2(mut data: Value) -> Value {
+    if let Value::Object(fields) = &mut data {
+        fields
+            .entry("currency")
+            .or_insert_with(|| Value::String("EUR".to_owned()));
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v1_product_created_reads_as_v2_in_euros() {
+        let v1 = serde_json::json!({"user_id": "x", "product_price": "1.00"});
+        let v2 = upcast(AggregateType::Product, "ProductCreated", 1, v1).unwrap();
+        assert_eq!(v2["currency"], "EUR");
+        assert_eq!(v2["product_price"], "1.00");
+        let current = serde_json::json!({"currency": "USD"});
+        assert_eq!(
+            upcast(AggregateType::Product, "ProductCreated", 2, current.clone()).unwrap(),
+            current
+        );
+    }
 }

@@ -31,6 +31,7 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
                 product_name: format!("p{n}"),
                 product_description: String::new(),
                 product_price: Decimal::new(100, 2),
+                currency: "EUR".into(),
                 product_images: vec![],
             }),
         );

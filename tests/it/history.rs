@@ -55,6 +55,7 @@ fn history(id: Uuid) -> Vec<Envelope<ProductEvent>> {
             product_name: "Lamp".into(),
             product_description: "Brass".into(),
             product_price: Decimal::new(4900, 2),
+            currency: "EUR".into(),
             product_images: images.iter().map(|i| i.url.clone()).collect(),
         }),
         ProductEvent::ImagesRequested(ImagesRequested {
@@ -191,6 +192,71 @@ async fn every_version_of_a_product_can_be_read_back() {
         422
     );
 
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_event_is_upcast_and_projected() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let id = Uuid::now_v7();
+    // A ProductCreated exactly as schema version 1 wrote it (no `currency`), from the published example.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../events/examples/ProductCreated.v1.json");
+    let mut v1: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v1["aggregate_id"] = id.to_string().into();
+    v1["event_id"] = events::event_id_for(id, 1).to_string().into();
+    assert_eq!(v1["schema_version"], 1);
+    assert!(v1["data"].get("currency").is_none());
+    let requested = Envelope::new(
+        id,
+        2,
+        Utc::now(),
+        None,
+        ProductEvent::ImagesRequested(ImagesRequested { images: vec![] }),
+    );
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    for payload in [serde_json::to_vec(&v1).unwrap(), requested.to_json()] {
+        producer
+            .send(
+                FutureRecord::to(&env.kafka().topics().products)
+                    .key(&id.to_string())
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let product: Value = eventually("the v1 product is projected", || async {
+        let p: Value = api
+            .get(&format!("/products/{id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (p["version"] == 2).then_some(p)
+    })
+    .await;
+    assert_eq!(
+        product["product_currency"], "EUR",
+        "upcast to v2: v1 prices were euros"
+    );
+    assert_eq!(product["product_name"], v1["data"]["product_name"]);
+    assert_eq!(product["product_price"], v1["data"]["product_price"]);
+    let history: Value = api
+        .get(&format!("/products/{id}/events"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["items"][0]["schema_version"], 2,
+        "history is served in the current version"
+    );
+    assert_eq!(history["items"][0]["data"]["currency"], "EUR");
     projector.stop().await;
     api.stop().await;
     env.cleanup().await;

@@ -76,6 +76,7 @@ async fn filters_and_pages_give_exactly_the_expected_products() {
                 product_name: name.clone(),
                 product_description: String::new(),
                 product_price: price,
+                currency: "EUR".into(),
                 product_images: vec![],
             }),
         );

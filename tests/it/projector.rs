@@ -25,6 +25,7 @@ fn product_stream(id: Uuid) -> [Envelope<ProductEvent>; 2] {
                 product_name: format!("product {id}"),
                 product_description: String::new(),
                 product_price: Decimal::new(1999, 2),
+                currency: "EUR".into(),
                 product_images: vec!["https://x.example/a.jpg".into()],
             }),
         ),

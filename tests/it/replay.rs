@@ -46,6 +46,7 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
                 product_name: format!("Product {n}"),
                 product_description: String::new(),
                 product_price: Decimal::new(n as i64 * 101, 2),
+                currency: "EUR".into(),
                 product_images: images.iter().map(|i| i.url.clone()).collect(),
             }),
             ProductEvent::ImagesRequested(ImagesRequested {

@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_product_events.sql",
         sql: include_str!("../../../sql/0003_product_events.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_product_currency.sql",
+        sql: include_str!("../../../sql/0004_product_currency.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

@@ -7,7 +7,8 @@ use tokio_postgres::types::Json;
 
 /// Columns of `products`, in the order [`product_from_row`] reads them.
 pub const PRODUCT_COLUMNS: &str = "id, user_id, product_name, product_description, product_price, \
-     product_images, images, compressed_product_images, version, created_at, updated_at";
+     product_images, images, compressed_product_images, version, created_at, updated_at, \
+     product_currency";
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
 pub const USER_COLUMNS: &str = "id, name, email, version, created_at, updated_at";
@@ -28,6 +29,7 @@ pub fn product_from_row(row: &Row) -> ProductState {
         version: u64::try_from(row.get::<_, i64>(8)).unwrap_or_default(),
         created_at: row.get(9),
         updated_at: row.get(10),
+        product_currency: row.get(11),
     }
 }
 
@@ -53,8 +55,8 @@ pub async fn upsert_product(
         .execute(
             "INSERT INTO products (id, user_id, product_name, product_description, product_price,
                                    product_images, images, compressed_product_images, version,
-                                   created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                   created_at, updated_at, product_currency)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET
                 user_id = EXCLUDED.user_id,
                 product_name = EXCLUDED.product_name,
@@ -65,7 +67,8 @@ pub async fn upsert_product(
                 compressed_product_images = EXCLUDED.compressed_product_images,
                 version = EXCLUDED.version,
                 created_at = EXCLUDED.created_at,
-                updated_at = EXCLUDED.updated_at
+                updated_at = EXCLUDED.updated_at,
+                product_currency = EXCLUDED.product_currency
              WHERE products.version < EXCLUDED.version",
             &[
                 &product.id,
@@ -79,6 +82,7 @@ pub async fn upsert_product(
                 &version,
                 &product.created_at,
                 &product.updated_at,
+                &product.product_currency,
             ],
         )
         .await?;

@@ -99,6 +99,7 @@ fn product_events(
             product_name: new.product_name,
             product_description: new.product_description,
             product_price: new.product_price.value(),
+            currency: "EUR".into(),
             product_images: new.product_images,
         }),
     );
