@@ -106,6 +106,7 @@ fn options(env: &TestEnv, switch: bool) -> projector::replay::ReplayOptions {
         side_by_side: true,
         switch,
         progress: false,
+        cache: Some(env.api_config().cache),
     }
 }
 
@@ -155,6 +156,46 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
         .batch_execute(&format!("DROP SCHEMA {} CASCADE", report.schema))
         .await
         .unwrap();
+
+    // A live row gone wrong (as after a projection bug), and cached: the switch must repair both.
+    let broken: Uuid = client
+        .query_one("SELECT id FROM products ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let good: serde_json::Value = api
+        .get(&format!("/products/{broken}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE products SET product_name = 'corrupted' WHERE id = $1",
+            &[&broken],
+        )
+        .await
+        .unwrap();
+    let cache = platform::cache::ProductCache::connect(&env.api_config().cache)
+        .unwrap()
+        .unwrap();
+    assert!(cache.wait_connected(Duration::from_secs(5)).await);
+    cache.invalidate(broken, 0).await.unwrap();
+    let version = good["version"].as_u64().unwrap();
+    let mut corrupted = good.clone();
+    corrupted["product_name"] = "corrupted".into();
+    cache
+        .fill(broken, version, &serde_json::to_vec(&corrupted).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(&format!("/products/{broken}"))
+            .await
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["product_name"],
+        "corrupted"
+    );
 
     // Now rebuild and switch while readers hammer existing products and new events keep coming.
     let ids: Vec<Uuid> = history
@@ -216,6 +257,20 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
     }
     assert!(report.switched);
     assert!(
+        report.changed_products.iter().any(|(id, _)| *id == broken),
+        "the corrupted row changed"
+    );
+    let repaired: serde_json::Value = api
+        .get(&format!("/products/{broken}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        repaired, good,
+        "the switch repaired the row and invalidated its cache entry"
+    );
+    assert!(
         reads.load(Ordering::SeqCst) > 50,
         "the readers ran during the rebuild"
     );
@@ -257,5 +312,45 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
     if let Ok(api) = Arc::try_unwrap(api) {
         api.stop().await;
     }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_replay_rebuilds_the_same_rows() {
+    let env = TestEnv::new().await;
+    let projector = env.spawn_projector();
+    let history = histories(40);
+    publish(&env, &history).await;
+    let client = env.pg().await;
+    let total = history.len() as i64;
+    eventually("projected", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM product_events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == total).then_some(())
+    })
+    .await;
+    projector.stop().await;
+    let snapshot = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = snapshot("SELECT p::text FROM products p ORDER BY id").await;
+    let mut opts = options(&env, true);
+    opts.side_by_side = false;
+    let report = projector::replay::replay(&opts).await.unwrap();
+    assert_eq!(report.events, history.len() as u64);
+    let after = snapshot("SELECT p::text FROM products p ORDER BY id").await;
+    assert_eq!(after, before, "the in-place rebuild produced the same rows");
     env.cleanup().await;
 }

@@ -144,18 +144,9 @@ async fn main() -> anyhow::Result<()> {
                 side_by_side: !in_place,
                 switch: !no_switch,
                 progress: true,
+                cache: Some(cache),
             };
             let report = projector::replay::replay(&options).await?;
-            if let Some(cache) = platform::cache::ProductCache::connect(&cache)? {
-                cache
-                    .wait_connected(std::time::Duration::from_secs(2))
-                    .await;
-                for (id, version) in &report.changed_products {
-                    if let Err(error) = cache.invalidate(*id, *version).await {
-                        tracing::warn!(%error, product.id = %id, "cannot invalidate; the entry expires with its TTL");
-                    }
-                }
-            }
             if report.switched {
                 println!(
                     "replayed {} events; reads switched to the rebuild ({} product(s) changed); old rows retired",

@@ -68,6 +68,8 @@ pub struct ReplayOptions {
     pub switch: bool,
     /// Print progress to standard error.
     pub progress: bool,
+    /// The cache whose entries of changed products are invalidated at the switch.
+    pub cache: Option<platform::cache::CacheConfig>,
 }
 
 /// What a replay did.
@@ -136,6 +138,8 @@ fn from_beginning(kafka: &KafkaConfig) -> Result<StreamConsumer, ReplayError> {
 pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     let live_pool = platform::db::pool(&options.db)?;
     let live_schema = options.db.schema.clone();
+    // Where the live projection had got to: an in-place rebuild is complete once it is back there.
+    let live_before = positions(&live_pool, &live_schema, &options.live_group).await?;
     let (target, consumer_name) = if options.side_by_side {
         let mut target = options.db.clone();
         target.schema = side_schema(&live_schema);
@@ -202,7 +206,14 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
             continue;
         }
         if !options.side_by_side {
-            break;
+            // The log's end has no reliable marker on every broker: stop when idle, back where the
+            // live projection was, and not before the consumer had time to start fetching.
+            if caught_up(&rebuilt, &live_before)
+                && (report.events > 0 || started.elapsed() > Duration::from_secs(5))
+            {
+                break;
+            }
+            continue;
         }
         if !caught_up(&rebuilt, &live) {
             continue;
@@ -228,12 +239,33 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
     }
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     if report.switched {
+        invalidate(options, &report.changed_products).await;
         let client = live_pool.get().await?;
         client
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", target.schema))
             .await?;
     }
     Ok(report)
+}
+
+/// Drops the cache entries of the products whose rows the switch changed (their floor moves to the
+/// rebuilt version, so nothing older can be filled back).
+async fn invalidate(options: &ReplayOptions, changed: &[(uuid::Uuid, u64)]) {
+    let Some(config) = &options.cache else { return };
+    let cache = match platform::cache::ProductCache::connect(config) {
+        Ok(Some(cache)) => cache,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "cannot reach the cache; changed entries expire with their TTL");
+            return;
+        }
+    };
+    cache.wait_connected(Duration::from_secs(2)).await;
+    for (id, version) in changed {
+        if let Err(error) = cache.invalidate(*id, *version).await {
+            tracing::warn!(%error, product.id = %id, "cannot invalidate; the entry expires with its TTL");
+        }
+    }
 }
 
 /// Replaces the live rows by the rebuilt ones in one transaction, unless the live projector has moved
