@@ -133,25 +133,17 @@ impl ProductState {
                 // A first request lists every image; a re-drive lists the failed ones again. Either way
                 // each listed position becomes pending and loses what an earlier attempt stored.
                 for image in &e.images {
-                    self.compressed_product_images
-                        .retain(|v| v.position != image.position);
-                    let pending = ImageStatus {
-                        position: image.position,
-                        url: image.url.clone(),
-                        status: ImageStatusKind::Pending,
-                        error_class: None,
-                        reason: None,
-                    };
-                    match self
-                        .images
-                        .iter_mut()
-                        .find(|i| i.position == image.position)
-                    {
-                        Some(existing) => *existing = pending,
-                        None => self.images.push(pending),
-                    }
+                    self.set_image(
+                        ImageStatus {
+                            position: image.position,
+                            url: image.url.clone(),
+                            status: ImageStatusKind::Pending,
+                            error_class: None,
+                            reason: None,
+                        },
+                        Vec::new(),
+                    );
                 }
-                self.images.sort_by_key(|i| i.position);
             }
             ProductEvent::ImagesProcessed(e) => {
                 for outcome in &e.images {
@@ -161,34 +153,39 @@ impl ProductState {
                         }
                         ImageOutcomeStatus::Failed => (ImageStatusKind::Failed, Vec::new()),
                     };
-                    self.compressed_product_images
-                        .retain(|v| v.position != outcome.position);
-                    self.compressed_product_images.extend(variants);
-                    let done = ImageStatus {
-                        position: outcome.position,
-                        url: outcome.url.clone(),
-                        status,
-                        error_class: outcome.error_class.clone(),
-                        reason: outcome.reason.clone(),
-                    };
-                    match self
-                        .images
-                        .iter_mut()
-                        .find(|i| i.position == outcome.position)
-                    {
-                        Some(existing) => *existing = done,
-                        None => self.images.push(done),
-                    }
+                    self.set_image(
+                        ImageStatus {
+                            position: outcome.position,
+                            url: outcome.url.clone(),
+                            status,
+                            error_class: outcome.error_class.clone(),
+                            reason: outcome.reason.clone(),
+                        },
+                        variants,
+                    );
                 }
-                self.images.sort_by_key(|i| i.position);
-                self.compressed_product_images.sort_by(|a, b| {
-                    (a.position, &a.variant, &a.format).cmp(&(b.position, &b.variant, &b.format))
-                });
             }
         }
         self.version = envelope.sequence;
         self.updated_at = envelope.occurred_at;
         Ok(())
+    }
+
+    /// Replaces what is known of the image at `status.position` (status and stored variants), keeping
+    /// both lists in a canonical order so that equal histories give equal states.
+    fn set_image(&mut self, status: ImageStatus, variants: Vec<ImageVariant>) {
+        let position = status.position;
+        self.compressed_product_images
+            .retain(|v| v.position != position);
+        self.compressed_product_images.extend(variants);
+        self.compressed_product_images.sort_by(|a, b| {
+            (a.position, &a.variant, &a.format).cmp(&(b.position, &b.variant, &b.format))
+        });
+        match self.images.iter_mut().find(|i| i.position == position) {
+            Some(existing) => *existing = status,
+            None => self.images.push(status),
+        }
+        self.images.sort_by_key(|i| i.position);
     }
 
     /// Folds a whole stream, from its first event.

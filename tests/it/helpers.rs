@@ -267,6 +267,29 @@ impl TestEnv {
         messages
     }
 
+    /// Appends `events` to the products topic (keyed by aggregate id), each acknowledged.
+    pub async fn publish(&self, events: &[events::Envelope<events::ProductEvent>]) {
+        let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
+        let topic = self.kafka().topics().products;
+        let payloads: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| (e.aggregate_id.to_string(), e.to_json()))
+            .collect();
+        for chunk in payloads.chunks(400) {
+            let sends = chunk.iter().map(|(key, payload)| {
+                producer.send(
+                    rdkafka::producer::FutureRecord::to(&topic)
+                        .key(key)
+                        .payload(payload),
+                    Duration::from_secs(10),
+                )
+            });
+            for result in futures::future::join_all(sends).await {
+                result.expect("broker acknowledged");
+            }
+        }
+    }
+
     /// Drops the test's schema (topics are left: the broker is per test run and in memory).
     pub async fn cleanup(self) {
         let client = self.pg().await;

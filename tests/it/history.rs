@@ -87,18 +87,7 @@ async fn every_version_of_a_product_can_be_read_back() {
     let projector = env.spawn_projector();
     let id = Uuid::now_v7();
     let stream = history(id);
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
-    for e in &stream {
-        producer
-            .send(
-                FutureRecord::to(&env.kafka().topics().products)
-                    .key(&id.to_string())
-                    .payload(&e.to_json()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    env.publish(&stream).await;
     eventually("version 5 is projected", || async {
         let p: Value = api
             .get(&format!("/products/{id}"))

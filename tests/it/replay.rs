@@ -10,7 +10,6 @@ use events::{
     Decimal, Envelope, ImageOutcome, ImageOutcomeStatus, ImageRef, ImagesProcessed,
     ImagesRequested, ProductCreated, ProductEvent,
 };
-use futures::future::join_all;
 use rdkafka::producer::FutureRecord;
 use uuid::Uuid;
 
@@ -75,27 +74,6 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
     out
 }
 
-async fn publish(env: &TestEnv, events: &[Envelope<ProductEvent>]) {
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
-    let topic = env.kafka().topics().products;
-    let payloads: Vec<(String, Vec<u8>)> = events
-        .iter()
-        .map(|e| (e.aggregate_id.to_string(), e.to_json()))
-        .collect();
-    for chunk in payloads.chunks(400) {
-        for r in join_all(chunk.iter().map(|(k, p)| {
-            producer.send(
-                FutureRecord::to(&topic).key(k).payload(p),
-                Duration::from_secs(10),
-            )
-        }))
-        .await
-        {
-            r.unwrap();
-        }
-    }
-}
-
 fn options(env: &TestEnv, switch: bool) -> projector::replay::ReplayOptions {
     let config = env.projector_config();
     projector::replay::ReplayOptions {
@@ -117,7 +95,7 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
     let api = Arc::new(env.spawn_api().await);
     let projector = env.spawn_projector();
     let history = histories(PRODUCTS);
-    publish(&env, &history).await;
+    env.publish(&history).await;
     let client = env.pg().await;
     let total_events = history.len() as i64;
     eventually("the live projection has every event", || async {
@@ -320,7 +298,7 @@ async fn an_in_place_replay_rebuilds_the_same_rows() {
     let env = TestEnv::new().await;
     let projector = env.spawn_projector();
     let history = histories(40);
-    publish(&env, &history).await;
+    env.publish(&history).await;
     let client = env.pg().await;
     let total = history.len() as i64;
     eventually("projected", || async {
