@@ -59,10 +59,18 @@ to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
 }
 
 curl -fs "http://127.0.0.1:18083/products/$id" >/dev/null
-a=$(run_wrk "http://127.0.0.1:18080/products/$id")
-a2=$(run_wrk "http://127.0.0.1:18083/products/$id")
-b=$(run_wrk "http://127.0.0.1:18081/products/$id")
-c=$(run_wrk "http://127.0.0.1:18082/products/$id")
+# Each HTTP variant runs twice, in opposite orders, and the two runs are averaged: on a shared 2-core
+# machine the first runs of a session were measurably slower than later ones.
+declare -A url=([a]="http://127.0.0.1:18080/products/$id" [a2]="http://127.0.0.1:18083/products/$id"
+    [b]="http://127.0.0.1:18081/products/$id" [c]="http://127.0.0.1:18082/products/$id")
+declare -A first second
+for v in a a2 b c; do first[$v]=$(run_wrk "${url[$v]}"); done
+for v in c b a2 a; do second[$v]=$(run_wrk "${url[$v]}"); done
+mean() { awk -v x="$1" -v y="$2" 'BEGIN { split(x, p, " "); split(y, q, " "); printf "%.0f %.2f %.2f", (p[1]+q[1])/2, (p[2]+q[2])/2, (p[3]+q[3])/2 }'; }
+a=$(mean "${first[a]}" "${second[a]}")
+a2=$(mean "${first[a2]}" "${second[a2]}")
+b=$(mean "${first[b]}" "${second[b]}")
+c=$(mean "${first[c]}" "${second[c]}")
 redis-benchmark -h 127.0.0.1 -p 6379 -c "$C" -n $((C * 5000)) -t get -d "$size" --csv >"$tmp/redis.csv" 2>/dev/null
 d=$(awk -F'"' 'NR==2 {print $4" "$12" "$16}' "$tmp/redis.csv")
 echo "SELECT id, user_id, product_name, product_description, product_price, product_images, images, compressed_product_images, version, created_at, updated_at FROM products WHERE id = '$id';" >"$tmp/q.sql"
@@ -76,7 +84,7 @@ p99=$(awk -v n="$n" 'NR==int(n*0.99)+1 {printf "%.2f", $1}' "$tmp/lat.txt")
 e="$tps $p50 $p99"
 
 echo
-echo "Body: $size bytes; concurrency $C; $D s per HTTP run; $(nproc) cores; $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "Body: $size bytes; concurrency $C; 2 × $D s per HTTP variant (averaged); $(nproc) cores; $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "| run | requests/s | p50 ms | p99 ms |"
 echo "|---|---:|---:|---:|"
