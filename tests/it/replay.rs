@@ -90,7 +90,7 @@ fn options(env: &TestEnv, switch: bool) -> projector::replay::ReplayOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read() {
-    const PRODUCTS: usize = 200;
+    const PRODUCTS: usize = 700;
     let env = TestEnv::new().await;
     let api = Arc::new(env.spawn_api().await);
     let projector = env.spawn_projector();
