@@ -12,8 +12,8 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use crate::job::Failure;
 use crate::process::VariantSpec;
 
-/// Image store settings.
-#[derive(Debug, Clone, clap::Args)]
+/// Image store settings. `Debug` leaves the credentials out.
+#[derive(Clone, clap::Args)]
 pub struct StoreConfig {
     /// `local` (files under IMAGE_LOCAL_DIR) or `s3`.
     #[arg(long = "image-store", env = "IMAGE_STORE", default_value = "local", value_parser = ["local", "s3"])]
@@ -64,6 +64,22 @@ pub struct StoreConfig {
         default_value = ""
     )]
     pub public_base_url: String,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("kind", &self.kind)
+            .field("local_dir", &self.local_dir)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("key_prefix", &self.key_prefix)
+            .field("public_base_url", &self.public_base_url)
+            .finish()
+    }
 }
 
 /// The image store.
@@ -178,5 +194,21 @@ impl ImageStore {
     /// The bytes at `key` (tests and operators).
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes, object_store::Error> {
         self.store.get(&Path::from(key)).await?.bytes().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_secret_key_never_shows_in_debug_output() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            store: super::StoreConfig,
+        }
+        let cli = Cli::parse_from(["x", "--s3-secret-access-key", "hunter2"]);
+        let shown = format!("{:?}", cli.store);
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use uuid::Uuid;
 
-/// Cache settings.
-#[derive(Debug, Clone, clap::Args)]
+/// Cache settings. `Debug` hides a password in the Redis URL.
+#[derive(Clone, clap::Args)]
 pub struct CacheConfig {
     /// Redis URL; empty disables the cache.
     #[arg(
@@ -50,6 +50,31 @@ pub struct CacheConfig {
         default_value = "catalog:"
     )]
     pub cache_key_prefix: String,
+}
+
+impl std::fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // redis://user:password@host:port/db → keep everything but the password.
+        let url = match (self.redis_url.find("://"), self.redis_url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &self.redis_url[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!(
+                    "{}{user}:<redacted>{}",
+                    &self.redis_url[..scheme + 3],
+                    &self.redis_url[at..]
+                )
+            }
+            _ => self.redis_url.clone(),
+        };
+        f.debug_struct("CacheConfig")
+            .field("redis_url", &url)
+            .field("cache_ttl_secs", &self.cache_ttl_secs)
+            .field("cache_timeout_ms", &self.cache_timeout_ms)
+            .field("cache_connections", &self.cache_connections)
+            .field("cache_key_prefix", &self.cache_key_prefix)
+            .finish()
+    }
 }
 
 /// Why a cache call did not answer.
@@ -196,5 +221,25 @@ impl ProductCache {
         tokio::time::timeout(within, self.client.wait_for_connect())
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_redis_password_never_shows_in_debug_output() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cache: super::CacheConfig,
+        }
+        let cli = Cli::parse_from(["x", "--redis-url", "redis://app:hunter2@cache:6379/0"]);
+        let shown = format!("{:?}", cli.cache);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://app:<redacted>@cache:6379/0"),
+            "{shown}"
+        );
     }
 }
