@@ -395,3 +395,21 @@ async fn readiness_reports_postgres_and_kafka() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_request_that_takes_too_long_gets_a_json_503() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.request_timeout_ms = 1_500;
+    config.read_wait_ms = 5_000;
+    let api = env.spawn_api_with(config).await;
+    // No projector: reading an accepted user waits for a projection that never comes.
+    let user = api.create_user().await;
+    let r = api.get(&format!("/users/{user}")).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+    assert!(body["request_id"].is_string());
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -21,7 +21,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::HeaderName;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
@@ -75,15 +75,21 @@ pub fn router(state: AppState, config: &Config) -> Router {
 /// that the benchmark's static-JSON ceiling runs through exactly the same stack.
 pub fn with_middleware(routes: Router, config: &Config) -> Router {
     let limit = config.max_body_bytes;
+    let timeout = config.request_timeout();
     routes
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
             req.extensions_mut().insert(BodyLimit(limit));
             next.run(req)
         }))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            config.request_timeout(),
+        .layer(middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                // A request that takes too long is answered 503 with the usual JSON error body.
+                match tokio::time::timeout(timeout, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::Unavailable("the request timed out".into()).into_response(),
+                }
+            },
         ))
         .layer(middleware::from_fn(trace_request))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))

@@ -77,7 +77,7 @@ impl VariantSpec {
     }
 }
 
-/// The variants produced for every image (see README, "Image pipeline", for the numbers behind them).
+/// The variants produced for every image (docs/BENCHMARKS.md has the size/time numbers behind them).
 pub const DEFAULT_VARIANTS: [VariantSpec; 4] = [
     VariantSpec {
         name: "thumb",
