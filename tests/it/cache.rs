@@ -117,8 +117,7 @@ async fn reads_hit_the_cache_and_every_change_invalidates_it() {
 /// Appends the `ImagesProcessed` (every image failed) that answers `created`'s `ImagesRequested`, as the
 /// image worker would.
 async fn append_failed_result(env: &TestEnv, created: &Value) {
-    let id = created["id"].as_str().unwrap().to_owned();
-    let uuid: Uuid = id.parse().unwrap();
+    let uuid: Uuid = created["id"].as_str().unwrap().parse().unwrap();
     let processed = events::Envelope::new(
         uuid,
         3,
@@ -141,16 +140,7 @@ async fn append_failed_result(env: &TestEnv, created: &Value) {
                 .collect(),
         }),
     );
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
-                .key(&id)
-                .payload(&processed.to_json()),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    env.publish(&[processed]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,12 +269,17 @@ impl TestEnv {
 
     /// Appends `events` to the products topic (keyed by aggregate id), each acknowledged.
     pub async fn publish(&self, events: &[events::Envelope<events::ProductEvent>]) {
-        let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
-        let topic = self.kafka().topics().products;
         let payloads: Vec<(String, Vec<u8>)> = events
             .iter()
             .map(|e| (e.aggregate_id.to_string(), e.to_json()))
             .collect();
+        self.publish_raw(&payloads).await;
+    }
+
+    /// Appends (key, payload) messages to the products topic as they are, each acknowledged.
+    pub async fn publish_raw(&self, payloads: &[(String, Vec<u8>)]) {
+        let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
+        let topic = self.kafka().topics().products;
         for chunk in payloads.chunks(400) {
             let sends = chunk.iter().map(|(key, payload)| {
                 producer.send(

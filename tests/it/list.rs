@@ -1,12 +1,9 @@
 //! `GET /products?user_id=…`: filters and keyset pagination over a few hundred products.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use events::{Decimal, Envelope, ImagesRequested, ProductCreated, ProductEvent};
-use futures::future::join_all;
-use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -98,18 +95,7 @@ async fn filters_and_pages_give_exactly_the_expected_products() {
         payloads.push((id.to_string(), created.to_json()));
         payloads.push((id.to_string(), requested.to_json()));
     }
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
-    let topic = env.kafka().topics().products;
-    for result in join_all(payloads.iter().map(|(k, p)| {
-        producer.send(
-            FutureRecord::to(&topic).key(k).payload(p),
-            Duration::from_secs(10),
-        )
-    }))
-    .await
-    {
-        result.unwrap();
-    }
+    env.publish_raw(&payloads).await;
     let client = env.pg().await;
     eventually("all products are projected", || async {
         let n: i64 = client

@@ -1,13 +1,9 @@
 //! The projector: exactly-once application over at-least-once delivery.
 
-use std::time::Duration;
-
 use chrono::Utc;
 use events::{
     AnyEnvelope, Decimal, Envelope, ImageRef, ImagesRequested, ProductCreated, ProductEvent,
 };
-use futures::future::join_all;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
 use crate::helpers::{TestEnv, eventually};
@@ -44,20 +40,6 @@ fn product_stream(id: Uuid) -> [Envelope<ProductEvent>; 2] {
     ]
 }
 
-async fn send_all(producer: &FutureProducer, topic: &str, payloads: &[(String, Vec<u8>)]) {
-    for chunk in payloads.chunks(500) {
-        let sends = chunk.iter().map(|(key, payload)| {
-            producer.send(
-                FutureRecord::to(topic).key(key).payload(payload),
-                Duration::from_secs(10),
-            )
-        });
-        for result in join_all(sends).await {
-            result.expect("broker acknowledged");
-        }
-    }
-}
-
 fn encode(envelopes: &[Envelope<ProductEvent>]) -> Vec<(String, Vec<u8>)> {
     envelopes
         .iter()
@@ -74,7 +56,6 @@ async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events
     const PRODUCTS: usize = 400;
     let env = TestEnv::new().await;
     let topic = env.kafka().topics().products;
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
 
     let ids: Vec<Uuid> = (0..PRODUCTS).map(|_| Uuid::now_v7()).collect();
     let streams: Vec<Envelope<ProductEvent>> =
@@ -83,7 +64,7 @@ async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events
     // At-least-once upstream: every 10th event is delivered twice.
     let duplicates: Vec<_> = payloads.iter().step_by(10).cloned().collect();
     payloads.extend(duplicates.iter().cloned());
-    send_all(&producer, &topic, &payloads).await;
+    env.publish_raw(&payloads).await;
 
     let mut config = env.projector_config();
     config.batch_size = 10;
@@ -152,15 +133,14 @@ async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events
 #[tokio::test]
 async fn an_early_event_waits_for_its_predecessor_and_garbage_is_kept_not_dropped() {
     let env = TestEnv::new().await;
-    let topic = env.kafka().topics().products;
-    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
     let id = Uuid::now_v7();
     let [created, requested] = product_stream(id);
     let key = id.to_string();
 
     // ImagesRequested first (as if ProductCreated had been lost and re-sent later), then garbage.
-    send_all(&producer, &topic, &encode(std::slice::from_ref(&requested))).await;
-    send_all(&producer, &topic, &[(key.clone(), b"{not json".to_vec())]).await;
+    env.publish(std::slice::from_ref(&requested)).await;
+    env.publish_raw(&[(key.clone(), b"{not json".to_vec())])
+        .await;
     let projector = env.spawn_projector();
     let client = env.pg().await;
     eventually("ImagesRequested is parked", || async {
@@ -169,7 +149,7 @@ async fn an_early_event_waits_for_its_predecessor_and_garbage_is_kept_not_droppe
     .await;
     assert_eq!(count(&client, "SELECT count(*) FROM products").await, 0);
 
-    send_all(&producer, &topic, &encode(std::slice::from_ref(&created))).await;
+    env.publish(std::slice::from_ref(&created)).await;
     eventually(
         "the product reaches version 2 once its first event arrives",
         || async {

@@ -186,14 +186,15 @@ async fn load(state: &AppState, id: Uuid, min_version: u64) -> Result<Loaded, Ap
             }
         }
     }
-    let sql = format!(
-        "SELECT {PRODUCT_COLUMNS},
-                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
-           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN products ON products.id = w.wanted"
-    );
-    let Some(product) = read_projected(state, &sql, id, min_version, product_from_row, |p| {
-        p.version
-    })
+    let Some(product) = read_projected(
+        state,
+        "products",
+        PRODUCT_COLUMNS,
+        id,
+        min_version,
+        product_from_row,
+        |p| p.version,
+    )
     .await?
     else {
         return Ok(None);

@@ -21,6 +21,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::position::Positions;
+use crate::projection::stored_positions;
 
 /// Tables of the projection (the API's command log is not rebuilt: it is not derived from the log).
 const PROJECTION_TABLES: [&str; 5] = [
@@ -94,15 +95,7 @@ fn side_schema(live: &str) -> String {
 
 async fn positions(pool: &Pool, schema: &str, consumer: &str) -> Result<Positions, ReplayError> {
     let client = pool.get().await?;
-    Ok(client
-        .query(
-            &format!("SELECT topic, partition, next_offset FROM {schema}.projection_offsets WHERE consumer = $1"),
-            &[&consumer],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect())
+    Ok(stored_positions(&**client, Some(schema), consumer).await?)
 }
 
 /// Whether `rebuilt` has reached `live` on every partition live has consumed.
@@ -288,24 +281,8 @@ async fn switch(
             .join(", ")
     ))
     .await?;
-    let live_now: Positions = tx
-        .query(
-            &format!("SELECT topic, partition, next_offset FROM {live}.projection_offsets WHERE consumer = $1"),
-            &[&live_group],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
-    let rebuilt: Positions = tx
-        .query(
-            &format!("SELECT topic, partition, next_offset FROM {rebuild}.projection_offsets WHERE consumer = $1"),
-            &[&REBUILD_CONSUMER],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
+    let live_now = stored_positions(&*tx, Some(live), live_group).await?;
+    let rebuilt = stored_positions(&*tx, Some(rebuild), REBUILD_CONSUMER).await?;
     if !caught_up(&rebuilt, &live_now) {
         tx.rollback().await?;
         return Ok(None);

@@ -45,14 +45,15 @@ pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
 /// Reads a projected row, waiting (up to `state.read_wait`) until it reaches the version this API
 /// accepted for it, if it accepted one: read-your-writes for clients that GET right after a POST.
 ///
-/// `sql` selects the row's columns followed by the accepted version, with `$1` the id; it yields one row
-/// whose first column is NULL while the row is not projected.
+/// Reads `columns` of `table` (whose first column is `id`) and the version the command log accepted for
+/// that id; the row's columns are NULL while it is not projected.
 ///
 /// `min_version` (0 for none) is a version the caller asks for explicitly; the wait is for the larger of
 /// it and the accepted version. When time runs out the row is returned as it is (callers compare).
 pub(crate) async fn read_projected<T>(
     state: &crate::state::AppState,
-    sql: &str,
+    table: &str,
+    columns: &str,
     id: Uuid,
     min_version: u64,
     from_row: fn(&tokio_postgres::Row) -> T,
@@ -60,7 +61,12 @@ pub(crate) async fn read_projected<T>(
 ) -> Result<Option<T>, ApiError> {
     let deadline = tokio::time::Instant::now() + state.read_wait;
     let client = state.pool.get().await?;
-    let statement = client.prepare_cached(sql).await?;
+    let sql = format!(
+        "SELECT {columns},
+                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
+           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN {table} ON {table}.id = w.wanted"
+    );
+    let statement = client.prepare_cached(&sql).await?;
     loop {
         let row = client.query_one(&statement, &[&id]).await?;
         let accepted: Option<i64> = row.get(row.len() - 1);

@@ -132,12 +132,7 @@ async fn get_product(
     let id = path_id(&id)?;
     let min_version = match params.get("min_version") {
         None => 0,
-        Some(v) => v.parse::<u64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
-            ApiError::Validation(vec![FieldError::new(
-                "min_version",
-                "must be a whole number of at least 1",
-            )])
-        })?,
+        Some(raw) => positive(raw, "min_version")?,
     };
     if let Some(raw) = params.get("as_of_version") {
         let version = positive(raw, "as_of_version")?;

@@ -88,15 +88,12 @@ async fn get_user(
     Path(id): Path<String>,
 ) -> Result<Json<UserState>, ApiError> {
     let id = path_id(&id)?;
-    let sql = format!(
-        "SELECT {USER_COLUMNS},
-                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
-           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN users ON users.id = w.wanted"
-    );
-    read_projected(&state, &sql, id, 0, user_from_row, |u| u.version)
-        .await?
-        .map(Json)
-        .ok_or(ApiError::NotFound("user"))
+    read_projected(&state, "users", USER_COLUMNS, id, 0, user_from_row, |u| {
+        u.version
+    })
+    .await?
+    .map(Json)
+    .ok_or(ApiError::NotFound("user"))
 }
 
 /// Whether `id` names a user: projected, or accepted by this API and not yet projected.
