@@ -24,6 +24,8 @@ pub struct TestEnv {
     pub schema: String,
     /// Topic prefix of this test.
     pub prefix: String,
+    /// The Kafka-protocol broker of this test (the shared test broker unless a test starts its own).
+    pub brokers: String,
 }
 
 /// Arguments common to every service of a test environment.
@@ -36,7 +38,7 @@ fn common_args(env: &TestEnv) -> Vec<String> {
         "--db-pool-size",
         "8",
         "--kafka-brokers",
-        &brokers(),
+        &env.brokers,
         "--kafka-topic-prefix",
         &env.prefix,
         "--kafka-topic-partitions",
@@ -50,8 +52,13 @@ fn common_args(env: &TestEnv) -> Vec<String> {
 }
 
 impl TestEnv {
-    /// A fresh schema (migrated) and topic prefix (topics created).
+    /// A fresh schema (migrated) and topic prefix (topics created) on the shared test broker.
     pub async fn new() -> Self {
+        Self::on(brokers()).await
+    }
+
+    /// A fresh schema (migrated) and topic prefix (topics created) on the broker at `brokers`.
+    pub async fn on(brokers: String) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -63,6 +70,7 @@ impl TestEnv {
         let env = Self {
             schema: format!("t_{}", &id[..16]),
             prefix: format!("t{}.", &id[..16]),
+            brokers,
         };
         let db = env.db();
         platform::db::ensure_database(&db)
@@ -245,7 +253,7 @@ impl TestEnv {
         &self,
         done: impl Fn(&[OwnedMessage]) -> bool,
     ) -> Vec<OwnedMessage> {
-        let consumer: StreamConsumer = platform::kafka::consumer(
+        let consumer = platform::kafka::consumer(
             &self.kafka(),
             &format!("{}reader-{}", self.prefix, Uuid::new_v4().simple()),
             "test-reader",
@@ -310,12 +318,8 @@ pub fn s3_endpoint() -> String {
 }
 
 /// Closes a consumer without letting a slow leave-group block the test runtime.
-pub async fn close(consumer: StreamConsumer) {
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::task::spawn_blocking(move || drop(consumer)),
-    )
-    .await;
+pub async fn close<C: rdkafka::consumer::ConsumerContext + 'static>(consumer: StreamConsumer<C>) {
+    platform::kafka::close(consumer, Duration::from_secs(5)).await;
 }
 
 /// A running API.

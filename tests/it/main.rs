@@ -7,12 +7,15 @@
 #![allow(unreachable_pub)]
 
 mod api;
+mod broker_faults;
 mod cache;
 mod compose;
 mod downstream;
+mod hardening;
 mod helpers;
 mod history;
 mod list;
 mod pipeline;
+mod procs;
 mod projector;
 mod replay;

@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -202,20 +201,21 @@ async fn send(state: &AppState, json: &str) -> Result<(), ApiError> {
     let wire: events::WireEnvelope = serde_json::from_str(json)
         .map_err(|e| ApiError::Internal(format!("stored event is not an envelope: {e}")))?;
     let key = wire.aggregate_id.to_string();
-    let record = FutureRecord::to(state.topics.for_aggregate(wire.aggregate_type))
-        .key(&key)
-        .payload(json)
-        .headers(platform::kafka::headers(&wire, EVENT_SOURCE));
-    let delivery = state
+    let (partition, offset) = state
         .producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| ApiError::from(e))?;
+        .send(
+            state.topics.for_aggregate(wire.aggregate_type),
+            &key,
+            json.as_bytes(),
+            platform::kafka::headers(&wire, EVENT_SOURCE),
+            Duration::from_secs(10),
+        )
+        .await?;
     tracing::debug!(
         event.id = %wire.event_id,
         event.r#type = %wire.event_type,
-        kafka.partition = delivery.partition,
-        kafka.offset = delivery.offset,
+        kafka.partition = partition,
+        kafka.offset = offset,
         "event appended"
     );
     Ok(())

@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod extract;
+mod query;
 pub mod read;
 mod routes;
 pub mod state;
@@ -162,12 +163,13 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
     if config.kafka.create_topics {
         platform::kafka::ensure_topics(&config.kafka).await?;
     }
-    let producer = platform::kafka::producer(&config.kafka, "catalog-api")?;
+    let producer = platform::kafka::EventProducer::new(&config.kafka, "catalog-api")?;
     Ok(AppState::new(state::Shared {
         pool,
         producer,
         topics: Arc::new(config.kafka.topics()),
         read_wait: Duration::from_millis(config.read_wait_ms),
+        db_timeout: config.db.timeout(),
         cache: platform::cache::ProductCache::connect(&config.cache)
             .map_err(|e| StartupError::Cache(e.to_string()))?,
         local: (config.cache_local_ttl_ms > 0).then(|| {
@@ -212,7 +214,6 @@ pub async fn run(
 }
 
 async fn flush(state: &AppState) {
-    use rdkafka::producer::Producer;
     let producer = state.producer.clone();
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
 }

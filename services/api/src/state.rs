@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use platform::config::Topics;
-use rdkafka::producer::FutureProducer;
 
 use crate::config::Fault;
 
@@ -32,12 +31,14 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// Connections to the projection and the command log.
     pub pool: Pool,
-    /// The event producer (idempotent, acks=all).
-    pub producer: FutureProducer,
+    /// The event producer (idempotent, acks=all; replaced after a fatal error).
+    pub producer: platform::kafka::EventProducer,
     /// Event topic names.
     pub topics: Arc<Topics>,
     /// How long a read waits for the projection to reach a version this API accepted.
     pub read_wait: std::time::Duration,
+    /// Longest a single database read may take (pool checkout included).
+    pub db_timeout: std::time::Duration,
     /// The product cache, when enabled.
     pub cache: Option<platform::cache::ProductCache>,
     /// The in-process tier in front of Redis, when enabled.

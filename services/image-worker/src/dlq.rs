@@ -12,9 +12,8 @@ use chrono::Utc;
 use events::{Envelope, ImageRef, ImageStatusKind, ImagesRequested, ProductEvent};
 use platform::config::KafkaConfig;
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
-use rdkafka::producer::FutureRecord;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
@@ -79,7 +78,7 @@ pub async fn read_all(
 ) -> Result<Vec<DeadLetterRecord>, DlqError> {
     let topics = PipelineTopics::new(kafka, retry_count);
     let group = format!("catalogctl-dlq-{}", Uuid::new_v4().simple());
-    let consumer: StreamConsumer = platform::kafka::consumer(kafka, &group, "catalogctl")?;
+    let consumer = platform::kafka::consumer(kafka, &group, "catalogctl")?;
     consumer.subscribe(&[&topics.dead_letters])?;
     let mut out = Vec::new();
     loop {
@@ -141,7 +140,7 @@ pub async fn redrive(
     pool: &deadpool_postgres::Pool,
     records: &[DeadLetterRecord],
 ) -> Result<RedriveReport, DlqError> {
-    let producer = platform::kafka::producer(kafka, "catalogctl")?;
+    let producer = platform::kafka::EventProducer::new(kafka, "catalogctl")?;
     let topic = kafka.topics().products;
     let mut by_product: BTreeMap<Uuid, BTreeMap<u32, ImageRef>> = BTreeMap::new();
     for r in records {
@@ -198,14 +197,13 @@ pub async fn redrive(
         let key = product_id.to_string();
         producer
             .send(
-                FutureRecord::to(&topic)
-                    .key(&key)
-                    .payload(&envelope.to_json())
-                    .headers(platform::kafka::headers(&wire, REDRIVE_SOURCE)),
+                &topic,
+                &key,
+                &envelope.to_json(),
+                platform::kafka::headers(&wire, REDRIVE_SOURCE),
                 Duration::from_secs(10),
             )
-            .await
-            .map_err(|(e, _)| e)?;
+            .await?;
         tx.commit().await?;
         tracing::info!(product.id = %product_id, event.sequence = wire.sequence, images = count, "re-driven");
         report.products += 1;

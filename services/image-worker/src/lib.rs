@@ -17,7 +17,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use tokio::sync::Semaphore;
 
 pub use crate::config::{Config, PipelineTopics};
@@ -92,7 +91,7 @@ pub async fn run(
     let ctx = Context {
         fetcher,
         store: ImageStore::new(&config.store)?,
-        producer: platform::kafka::producer(&config.kafka, "catalog-image-worker")?,
+        producer: platform::kafka::EventProducer::new(&config.kafka, "catalog-image-worker")?,
         topics: Arc::new(topics.clone()),
         retry_delays: Arc::new(config.retry_delays()),
         limits: DecodeLimits {
@@ -101,13 +100,18 @@ pub async fn run(
         },
         cpu: Arc::new(Semaphore::new(cpu_workers)),
     };
-    let jobs = platform::kafka::consumer(&config.kafka, &config.group_id, "catalog-image-worker")?;
-    jobs.subscribe(&[&topics.products])?;
-    let retry_group = format!("{}-retry", config.group_id);
-    let retries =
-        platform::kafka::consumer(&config.kafka, &retry_group, "catalog-image-worker-retry")?;
-    let retry_topics: Vec<&str> = topics.retries.iter().map(String::as_str).collect();
-    retries.subscribe(&retry_topics)?;
+    let jobs = worker::Subscription {
+        kafka: config.kafka.clone(),
+        group: config.group_id.clone(),
+        client_id: "catalog-image-worker",
+        topics: vec![topics.products.clone()],
+    };
+    let retries = worker::Subscription {
+        kafka: config.kafka.clone(),
+        group: format!("{}-retry", config.group_id),
+        client_id: "catalog-image-worker-retry",
+        topics: topics.retries.clone(),
+    };
     tracing::info!(group = %config.group_id, cpu_workers, "image worker consuming");
 
     let (stop, stopped) = tokio::sync::watch::channel(false);

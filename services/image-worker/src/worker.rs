@@ -15,9 +15,10 @@ use events::{
     ProductEvent,
 };
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use platform::config::KafkaConfig;
+use platform::kafka::{AssignmentChange, WatchedContext};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -59,8 +60,8 @@ pub struct Context {
     pub fetcher: Fetcher,
     /// Stores variants.
     pub store: ImageStore,
-    /// Produces results, retries and dead letters.
-    pub producer: FutureProducer,
+    /// Produces results, retries and dead letters (replaced after a fatal error).
+    pub producer: platform::kafka::EventProducer,
     /// Topic names.
     pub topics: Arc<PipelineTopics>,
     /// Delay before each retry.
@@ -274,16 +275,16 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
     let key = job.product_id.to_string();
     let acks = join_all(sends.iter().map(|(topic, payload, headers)| {
         ctx.producer.send(
-            FutureRecord::to(topic)
-                .key(&key)
-                .payload(payload)
-                .headers(headers.clone()),
+            topic,
+            &key,
+            payload,
+            headers.clone(),
             Duration::from_secs(10),
         )
     }))
     .await;
     for ack in acks {
-        ack.map_err(|(e, _)| e)?;
+        ack?;
     }
     if job.pending().is_empty() {
         append_result(ctx, &job).await?;
@@ -329,14 +330,13 @@ async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
     let key = job.product_id.to_string();
     ctx.producer
         .send(
-            FutureRecord::to(&ctx.topics.products)
-                .key(&key)
-                .payload(&payload)
-                .headers(platform::kafka::headers(&wire, EVENT_SOURCE)),
+            &ctx.topics.products,
+            &key,
+            &payload,
+            platform::kafka::headers(&wire, EVENT_SOURCE),
             Duration::from_secs(10),
         )
-        .await
-        .map_err(|(e, _)| e)?;
+        .await?;
     tracing::info!(event.sequence = wire.sequence, "ImagesProcessed appended");
     Ok(())
 }
@@ -409,9 +409,12 @@ fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Option<(Job, Ori
 
 /// Handles one consumed message until its outputs are acknowledged (retrying the job on producer
 /// errors), then commits it. Returns `false` if shutdown came first (nothing committed).
+/// A group consumer of the worker.
+type GroupConsumer = StreamConsumer<WatchedContext>;
+
 async fn handle(
     ctx: &Context,
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     message: &OwnedMessage,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> bool {
@@ -451,7 +454,7 @@ async fn handle(
     true
 }
 
-fn commit(consumer: &StreamConsumer, message: &OwnedMessage) {
+fn commit(consumer: &GroupConsumer, message: &OwnedMessage) {
     let mut tpl = TopicPartitionList::new();
     if tpl
         .add_partition_offset(
@@ -467,27 +470,113 @@ fn commit(consumer: &StreamConsumer, message: &OwnedMessage) {
     }
 }
 
+/// Which group a consume loop joins, and what it reads.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// Consumer group.
+    pub group: String,
+    /// `client.id` of its consumers.
+    pub client_id: &'static str,
+    /// Topics to read.
+    pub topics: Vec<String>,
+}
+
+/// Why a consume loop returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The consumer's group membership stayed unsettled too long: replace it.
+    Rejoin,
+}
+
+/// Runs `consume` on consumer instances of `sub` until shutdown, replacing an instance whose group
+/// membership is stuck (see `platform::kafka::GroupHealth`) by a new one.
+async fn supervise<F>(
+    sub: &Subscription,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    mut consume: F,
+) where
+    F: for<'a> FnMut(
+        &'a GroupConsumer,
+        &'a mut tokio::sync::watch::Receiver<bool>,
+    ) -> futures::future::BoxFuture<'a, Exit>,
+{
+    loop {
+        let consumer = match platform::kafka::consumer(&sub.kafka, &sub.group, sub.client_id) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(%error, group = %sub.group, "cannot create a consumer; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let topics: Vec<&str> = sub.topics.iter().map(String::as_str).collect();
+        if let Err(error) = consumer.subscribe(&topics) {
+            tracing::error!(%error, "cannot subscribe; retrying");
+        }
+        let exit = consume(&consumer, shutdown).await;
+        platform::kafka::close(consumer, Duration::from_secs(10)).await;
+        if exit == Exit::Shutdown {
+            return;
+        }
+    }
+}
+
+/// Whether `consumer`'s membership has been unsettled longer than allowed (logged when so).
+fn stuck(consumer: &GroupConsumer, kafka: &KafkaConfig) -> bool {
+    let unsettled = consumer.context().health.unsettled_for();
+    let stuck = unsettled > kafka.rejoin_after();
+    if stuck {
+        tracing::warn!(
+            unsettled_ms = unsettled.as_millis() as u64,
+            "group membership not settled; rejoining with a new consumer"
+        );
+    }
+    stuck
+}
+
 /// Consumes `ImagesRequested` from the products topic until shutdown.
 pub async fn run_jobs(
     ctx: Context,
-    consumer: StreamConsumer,
+    sub: Subscription,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.changed() => break,
-            received = consumer.recv() => match received {
-                Ok(m) => m.detach(),
-                Err(error) => {
-                    tracing::warn!(%error, "kafka consume error");
-                    continue;
+    let kafka = sub.kafka.clone();
+    supervise(&sub, &mut shutdown, |consumer, shutdown| {
+        let ctx = ctx.clone();
+        let kafka = kafka.clone();
+        Box::pin(async move {
+            let (ctx, kafka) = (&ctx, &kafka);
+            let mut watch = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.changed() => return Exit::Shutdown,
+                    _ = watch.tick() => {
+                        if stuck(consumer, kafka) {
+                            return Exit::Rejoin;
+                        }
+                        continue;
+                    }
+                    received = consumer.recv() => match received {
+                        Ok(m) => m.detach(),
+                        Err(error) => {
+                            tracing::warn!(%error, "kafka consume error");
+                            continue;
+                        }
+                    },
+                };
+                if !handle(ctx, consumer, &message, shutdown).await {
+                    return Exit::Shutdown;
                 }
-            },
-        };
-        if !handle(&ctx, &consumer, &message, &mut shutdown).await {
-            break;
-        }
-    }
+            }
+        })
+    })
+    .await;
 }
 
 fn due_at(message: &OwnedMessage) -> chrono::DateTime<Utc> {
@@ -499,20 +588,44 @@ fn due_at(message: &OwnedMessage) -> chrono::DateTime<Utc> {
 
 /// Consumes the retry topics until shutdown. A message that is not due yet is held with the rest of
 /// its partition, which is paused until then, so other partitions go on and polling never stops
-/// (no `max.poll.interval.ms` breach).
+/// (no `max.poll.interval.ms` breach). Held messages follow the assignment: those of a revoked
+/// partition are dropped unhandled and uncommitted (its new owner reads them again from the committed
+/// offset), and a newly assigned partition is resumed, since a pause outlives a revocation.
 pub async fn run_retries(
     ctx: Context,
-    consumer: StreamConsumer,
+    sub: Subscription,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let kafka = sub.kafka.clone();
+    supervise(&sub, &mut shutdown, |consumer, shutdown| {
+        let ctx = ctx.clone();
+        let kafka = kafka.clone();
+        Box::pin(async move { retry_loop(&ctx, consumer, &kafka, shutdown).await })
+    })
+    .await;
+}
+
+async fn retry_loop(
+    ctx: &Context,
+    consumer: &GroupConsumer,
+    kafka: &KafkaConfig,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Exit {
     let mut held: HashMap<(String, i32), VecDeque<OwnedMessage>> = HashMap::new();
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     loop {
+        follow_assignment(consumer, &mut held);
         let next_due = held.values().filter_map(|q| q.front()).map(due_at).min();
         let wait = next_due.map_or(Duration::from_secs(3600), |due| {
             (due - Utc::now()).to_std().unwrap_or_default()
         });
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => return Exit::Shutdown,
+            _ = watch.tick() => {
+                if stuck(consumer, kafka) {
+                    return Exit::Rejoin;
+                }
+            }
             received = consumer.recv() => {
                 let message = match received {
                     Ok(m) => m.detach(),
@@ -525,11 +638,11 @@ pub async fn run_retries(
                 let waiting = held.get(&tp).is_some_and(|q| !q.is_empty());
                 if waiting || due_at(&message) > Utc::now() {
                     if !waiting {
-                        set_paused(&consumer, &tp, true);
+                        set_paused(consumer, &tp, true);
                     }
                     held.entry(tp).or_default().push_back(message);
-                } else if !handle(&ctx, &consumer, &message, &mut shutdown).await {
-                    break;
+                } else if !handle(ctx, consumer, &message, shutdown).await {
+                    return Exit::Shutdown;
                 }
             }
             () = tokio::time::sleep(wait), if next_due.is_some() => {
@@ -538,8 +651,8 @@ pub async fn run_retries(
                 for (tp, queue) in &mut held {
                     while queue.front().is_some_and(|m| due_at(m) <= now) {
                         let message = queue.pop_front().expect("front exists");
-                        if !handle(&ctx, &consumer, &message, &mut shutdown).await {
-                            return;
+                        if !handle(ctx, consumer, &message, shutdown).await {
+                            return Exit::Shutdown;
                         }
                     }
                     if queue.is_empty() {
@@ -548,14 +661,40 @@ pub async fn run_retries(
                 }
                 for tp in emptied {
                     held.remove(&tp);
-                    set_paused(&consumer, &tp, false);
+                    set_paused(consumer, &tp, false);
                 }
             }
         }
     }
 }
 
-fn set_paused(consumer: &StreamConsumer, (topic, partition): &(String, i32), paused: bool) {
+/// Applies the assignment changes since the last look to the held messages; see [`run_retries`].
+fn follow_assignment(
+    consumer: &GroupConsumer,
+    held: &mut HashMap<(String, i32), VecDeque<OwnedMessage>>,
+) {
+    for change in consumer.context().take_changes() {
+        match change {
+            AssignmentChange::Revoked(partitions) => {
+                for tp in partitions {
+                    if let Some(queue) = held.remove(&tp) {
+                        tracing::info!(kafka.topic = %tp.0, kafka.partition = tp.1, dropped = queue.len(), "partition revoked; its held retries are left to the new owner");
+                    }
+                    set_paused(consumer, &tp, false);
+                }
+            }
+            AssignmentChange::Assigned(partitions) => {
+                for tp in partitions {
+                    if !held.contains_key(&tp) {
+                        set_paused(consumer, &tp, false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn set_paused(consumer: &GroupConsumer, (topic, partition): &(String, i32), paused: bool) {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, *partition);
     let result = if paused {

@@ -117,9 +117,24 @@ pub struct KafkaConfig {
         action = clap::ArgAction::Set
     )]
     pub create_topics: bool,
+    /// A consumer whose group membership has not been settled (joined, assigned, steady) for this
+    /// long, in milliseconds, is replaced by a new instance that joins afresh. Three session
+    /// timeouts by default: long enough for any healthy rebalance, short enough that a member left
+    /// out after a broker stall is back within a minute.
+    #[arg(
+        long = "kafka-rejoin-after-ms",
+        env = "KAFKA_REJOIN_AFTER_MS",
+        default_value_t = 30_000
+    )]
+    pub rejoin_after_ms: u64,
 }
 
 impl KafkaConfig {
+    /// See `rejoin_after_ms`.
+    pub fn rejoin_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.rejoin_after_ms)
+    }
+
     /// The event topic names for this configuration.
     pub fn topics(&self) -> Topics {
         Topics {

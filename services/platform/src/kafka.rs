@@ -26,6 +26,8 @@ fn base(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
 
 /// A producer for events: idempotent, `acks=all`, so an acknowledged event is durable and a retry
 /// inside the client never duplicates or reorders messages of a partition.
+///
+/// Services send through [`EventProducer`], which replaces this instance after a fatal error.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<FutureProducer, KafkaError> {
     base(cfg, client_id)
         .set("enable.idempotence", "true")
@@ -40,13 +42,189 @@ pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Ka
         .create()
 }
 
+/// The event producer every service sends through: an idempotent producer ([`producer`]) that is
+/// replaced by a new instance when librdkafka reports a fatal error.
+///
+/// After a fatal error (fenced by the broker, out-of-order sequence, unknown producer id, …) an
+/// idempotent librdkafka producer never sends again; only a new instance, with a new producer id, can.
+/// Replacing it is safe because nothing acknowledged is lost: every caller keeps what it sends until
+/// the acknowledgement (the API's outbox row, the worker's uncommitted input offset) and re-sends it
+/// with the same event id, which consumers recognise. What was in flight in the old instance fails
+/// with the fatal error and is re-sent once by [`EventProducer::send`] through the new one.
+#[derive(Clone)]
+pub struct EventProducer {
+    inner: std::sync::Arc<ProducerSlot>,
+}
+
+struct ProducerSlot {
+    cfg: KafkaConfig,
+    client_id: String,
+    /// The current instance and its generation (bumped by each replacement).
+    current: std::sync::RwLock<(u64, FutureProducer)>,
+    /// Generation + 1 of an instance that had a send refused for good without librdkafka declaring a
+    /// fatal error (0: none).
+    failed: std::sync::atomic::AtomicU64,
+}
+
+/// Whether a send error means this producer instance can never send again. librdkafka raises a
+/// fatal error for most of these, but a broker may answer `ProducerFenced` to an idempotent producer
+/// on a path where librdkafka only fails the message, and every later message then fails the same way.
+fn ends_instance(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::Fatal
+                | Code::Fenced
+                | Code::ProducerFenced
+                | Code::InvalidProducerEpoch
+                | Code::OutOfOrderSequenceNumber
+                | Code::UnknownProducerId
+                | Code::InvalidProducerIdMapping
+        )
+    )
+}
+
+impl EventProducer {
+    /// A producer for `client_id` with the settings of [`producer`].
+    pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, KafkaError> {
+        Ok(Self {
+            inner: std::sync::Arc::new(ProducerSlot {
+                cfg: cfg.clone(),
+                client_id: client_id.to_owned(),
+                current: std::sync::RwLock::new((0, producer(cfg, client_id)?)),
+                failed: std::sync::atomic::AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The instance to send through now, replacing it first if it has failed fatally.
+    pub fn current(&self) -> FutureProducer {
+        self.healthy().1
+    }
+
+    /// How many times the instance was replaced.
+    pub fn replacements(&self) -> u64 {
+        self.read().0
+    }
+
+    /// The fatal error of the current instance, if it has one (it is replaced at the next send).
+    pub fn fatal_error(&self) -> Option<String> {
+        use rdkafka::producer::Producer;
+        let (generation, producer) = self.read();
+        if self.inner.failed.load(std::sync::atomic::Ordering::SeqCst) == generation + 1 {
+            return Some("a send was refused for good (fenced or out of sequence)".into());
+        }
+        producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
+    }
+
+    fn read(&self) -> (u64, FutureProducer) {
+        let guard = self.inner.current.read().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    fn healthy(&self) -> (u64, FutureProducer) {
+        use rdkafka::producer::Producer;
+        let (generation, producer) = self.read();
+        let failed = self.inner.failed.load(std::sync::atomic::Ordering::SeqCst) == generation + 1;
+        if !failed && producer.client().fatal_error().is_none() {
+            return (generation, producer);
+        }
+        self.replace(generation);
+        self.read()
+    }
+
+    /// Replaces instance `generation` (if no one else has yet). A failure to create the new instance
+    /// (invalid settings cannot appear here: the first instance had the same) keeps the old one.
+    fn replace(&self, generation: u64) {
+        use rdkafka::producer::Producer;
+        let mut guard = self
+            .inner
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if guard.0 != generation {
+            return;
+        }
+        let fatal = guard.1.client().fatal_error();
+        self.inner
+            .failed
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        match producer(&self.inner.cfg, &self.inner.client_id) {
+            Ok(fresh) => {
+                tracing::error!(
+                    kafka.client_id = %self.inner.client_id,
+                    error = ?fatal,
+                    generation = generation + 1,
+                    "producer failed fatally; replaced by a new instance"
+                );
+                let old = std::mem::replace(&mut *guard, (generation + 1, fresh)).1;
+                // Dropping a producer flushes; keep that off the async threads.
+                std::thread::spawn(move || drop(old));
+            }
+            Err(error) => tracing::error!(%error, "cannot create a replacement producer"),
+        }
+    }
+
+    /// Sends one record and waits for its acknowledgement; returns (partition, offset). If the
+    /// instance failed fatally meanwhile, it is replaced and the record is sent once more through the
+    /// new instance (same bytes, so a consumer sees at most the same event twice, never a different
+    /// one).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+        timeout: Duration,
+    ) -> Result<(i32, i64), KafkaError> {
+        use rdkafka::producer::FutureRecord;
+        let mut retried = false;
+        loop {
+            let (generation, producer) = self.healthy();
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            match producer.send(record, timeout).await {
+                Ok(delivery) => return Ok((delivery.partition, delivery.offset)),
+                Err((error, _)) => {
+                    use rdkafka::producer::Producer;
+                    if producer.client().fatal_error().is_none() && !ends_instance(&error) {
+                        return Err(error);
+                    }
+                    self.inner
+                        .failed
+                        .store(generation + 1, std::sync::atomic::Ordering::SeqCst);
+                    self.replace(generation);
+                    if retried {
+                        return Err(error);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Waits (blocking; call from a blocking thread) until everything sent is acknowledged or
+    /// `timeout` passes.
+    pub fn flush(&self, timeout: Duration) {
+        use rdkafka::producer::Producer;
+        let _ = self.read().1.flush(timeout);
+    }
+}
+
 /// A group consumer that never commits on its own: the caller stores offsets after its work is done.
+/// Its context logs rebalances and tracks group health ([`WatchedContext`]).
 pub fn consumer(
     cfg: &KafkaConfig,
     group_id: &str,
     client_id: &str,
-) -> Result<StreamConsumer, KafkaError> {
-    consumer_config(cfg, group_id, client_id).create()
+) -> Result<StreamConsumer<WatchedContext>, KafkaError> {
+    consumer_config(cfg, group_id, client_id).create_with_context(WatchedContext::default())
 }
 
 fn consumer_config(cfg: &KafkaConfig, group_id: &str, client_id: &str) -> ClientConfig {
@@ -58,8 +236,137 @@ fn consumer_config(cfg: &KafkaConfig, group_id: &str, client_id: &str) -> Client
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        // For GroupHealth: librdkafka reports the group join state once a second.
+        .set("statistics.interval.ms", "1000");
     c
+}
+
+/// Whether a consumer's group membership is settled, from librdkafka's statistics (`cgrp.join_state`).
+///
+/// A member that lost its assignment and never gets through a rebalance again (seen after a broker
+/// stall, and when a group coordinator keeps a dead member as leader) consumes nothing while looking
+/// alive. The consume loops watch [`GroupHealth::unsettled_for`] and replace such a consumer with a
+/// new instance (see `KAFKA_REJOIN_AFTER_MS`). A member that is settled with no partitions (more
+/// members than partitions) counts as settled: it is not churned.
+#[derive(Clone)]
+pub struct GroupHealth {
+    settled_at: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
+}
+
+impl Default for GroupHealth {
+    fn default() -> Self {
+        Self {
+            settled_at: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+        }
+    }
+}
+
+impl GroupHealth {
+    /// Reads a statistics document (the `stats_raw` callback).
+    pub fn observe(&self, statistics: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            cgrp: Option<Group>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Group {
+            join_state: String,
+        }
+        if let Ok(Stats { cgrp: Some(group) }) = serde_json::from_slice(statistics) {
+            if group.join_state == "steady" {
+                *self.settled_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::Instant::now();
+            }
+        }
+    }
+
+    /// How long the membership has not been settled (zero-ish while it is).
+    pub fn unsettled_for(&self) -> Duration {
+        self.settled_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Partitions named in a rebalance, as (topic, partition).
+pub fn partitions_of(tpl: &rdkafka::TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// A change of a consumer's assignment, as its consume loop sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentChange {
+    /// These partitions were assigned.
+    Assigned(Vec<(String, i32)>),
+    /// These partitions were revoked (or lost).
+    Revoked(Vec<(String, i32)>),
+}
+
+/// The context of the group consumers without special start offsets: logs every assignment and
+/// revocation (with partitions), tracks [`GroupHealth`], and queues the changes for the consume loop
+/// ([`WatchedContext::take_changes`]) so per-partition state can follow the assignment.
+#[derive(Clone, Default)]
+pub struct WatchedContext {
+    /// Group membership health.
+    pub health: GroupHealth,
+    changes: std::sync::Arc<std::sync::Mutex<Vec<AssignmentChange>>>,
+}
+
+impl WatchedContext {
+    /// The assignment changes since the last call, oldest first.
+    pub fn take_changes(&self) -> Vec<AssignmentChange> {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl rdkafka::client::ClientContext for WatchedContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.health.observe(statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for WatchedContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::Rebalance;
+        let change = match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions = partitions_of(tpl);
+                tracing::info!(kafka.partitions = ?partitions, "partitions assigned");
+                AssignmentChange::Assigned(partitions)
+            }
+            Rebalance::Revoke(tpl) => {
+                let partitions = partitions_of(tpl);
+                tracing::info!(kafka.partitions = ?partitions, "partitions revoked");
+                AssignmentChange::Revoked(partitions)
+            }
+            Rebalance::Error(error) => {
+                tracing::error!(%error, "rebalance error");
+                return;
+            }
+        };
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(change);
+    }
+}
+
+/// Closes a consumer on a blocking thread, waiting at most `timeout` (leaving the group can block).
+pub async fn close<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: StreamConsumer<C>,
+    timeout: Duration,
+) {
+    let _ =
+        tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || drop(consumer))).await;
 }
 
 /// Like [`consumer`], with a context that can take over rebalances (e.g. to start each assigned
@@ -161,10 +468,17 @@ pub async fn create_topics(cfg: &KafkaConfig, wanted: &[(&str, i64)]) -> Result<
     Ok(())
 }
 
-/// Checks that the brokers answer a metadata request within `timeout`.
-pub async fn ping(producer: &FutureProducer, timeout: Duration) -> Result<(), KafkaError> {
+/// Checks that the producer can send: it has not failed fatally, and the brokers answer a metadata
+/// request within `timeout`.
+pub async fn ping(producer: &EventProducer, timeout: Duration) -> Result<(), KafkaError> {
     use rdkafka::producer::Producer;
-    let producer = producer.clone();
+    if let Some(fatal) = producer.fatal_error() {
+        // Replaced at once, so the next probe (and the next write) uses a working instance.
+        let _ = producer.current();
+        return Err(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::Fatal))
+            .inspect_err(|_| tracing::warn!(error = %fatal, "producer had failed fatally"));
+    }
+    let producer = producer.current();
     tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
         .await
         .unwrap_or(Err(KafkaError::Canceled))
@@ -180,4 +494,35 @@ pub fn headers(wire: &events::WireEnvelope, source: &str) -> OwnedHeaders {
                 value: Some(value.as_bytes()),
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn fenced_and_sequence_errors_end_a_producer_instance_timeouts_do_not() {
+        for code in [
+            Code::ProducerFenced,
+            Code::Fatal,
+            Code::OutOfOrderSequenceNumber,
+            Code::UnknownProducerId,
+        ] {
+            assert!(
+                super::ends_instance(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::MessageTimedOut,
+            Code::BrokerTransportFailure,
+            Code::QueueFull,
+        ] {
+            assert!(
+                !super::ends_instance(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+    }
 }

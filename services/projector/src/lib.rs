@@ -77,21 +77,66 @@ pub async fn run(
         .map_err(|e| ProjectorError::Cache(e.to_string()))?;
     let context = PositionContext::default();
     context.advance(&load_positions(&pool, &config.group_id).await?);
-    let consumer = platform::kafka::consumer_with_context(
-        &config.kafka,
-        &config.group_id,
-        "catalog-projector",
-        context.clone(),
-    )?;
     let topics = config.kafka.topics();
-    consumer.subscribe(&topics.all())?;
-    tracing::info!(group = %config.group_id, topics = ?topics.all(), "projector consuming");
-
     tokio::pin!(shutdown);
     loop {
+        let instance = context.for_new_consumer();
+        let consumer = platform::kafka::consumer_with_context(
+            &config.kafka,
+            &config.group_id,
+            "catalog-projector",
+            instance.clone(),
+        )?;
+        consumer.subscribe(&topics.all())?;
+        tracing::info!(group = %config.group_id, topics = ?topics.all(), "projector consuming");
+        let exit = project(
+            &config,
+            &pool,
+            cache.as_ref(),
+            &consumer,
+            &instance,
+            &mut shutdown,
+        )
+        .await;
+        platform::kafka::close(consumer, Duration::from_secs(10)).await;
+        if let Exit::Shutdown = exit {
+            break;
+        }
+    }
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+/// Why a consume loop returned.
+enum Exit {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The consumer's group membership stayed unsettled too long: replace it.
+    Rejoin,
+}
+
+/// Projects batches from `consumer` until shutdown, or until its membership is stuck.
+async fn project(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    cache: Option<&platform::cache::ProductCache>,
+    consumer: &StreamConsumer<PositionContext>,
+    context: &PositionContext,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Exit {
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    loop {
         let first = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut *shutdown => return Exit::Shutdown,
             received = consumer.recv() => received,
+            _ = watch.tick() => {
+                let unsettled = context.health.unsettled_for();
+                if unsettled > config.kafka.rejoin_after() {
+                    tracing::warn!(unsettled_ms = unsettled.as_millis() as u64, "group membership not settled; rejoining with a new consumer");
+                    return Exit::Rejoin;
+                }
+                continue;
+            }
         };
         let first = match first {
             Ok(m) => m.detach(),
@@ -100,12 +145,12 @@ pub async fn run(
                 continue;
             }
         };
-        let batch = fill_batch(&consumer, first, config.batch_size, config.batch_wait()).await;
+        let batch = fill_batch(consumer, first, config.batch_size, config.batch_wait()).await;
         // Retry the database until it works or we are told to stop: skipping would lose events, and
         // not committing means the batch is simply consumed again after a restart.
         let mut backoff = Duration::from_millis(100);
         loop {
-            match apply(&pool, &config.group_id, &batch).await {
+            match apply(pool, &config.group_id, &batch).await {
                 Ok((report, positions)) => {
                     context.advance(&positions);
                     tracing::info!(
@@ -116,8 +161,8 @@ pub async fn run(
                         batch.rejected = report.rejected,
                         "batch projected"
                     );
-                    commit(&consumer, &batch);
-                    if let Some(cache) = &cache {
+                    commit(consumer, &batch);
+                    if let Some(cache) = cache {
                         invalidate(cache, &report.changed_products).await;
                     }
                     break;
@@ -125,9 +170,9 @@ pub async fn run(
                 Err(error) => {
                     tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot project batch; retrying");
                     tokio::select! {
-                        () = &mut shutdown => {
+                        () = &mut *shutdown => {
                             tracing::info!("stopping with an unprojected batch; it will be consumed again");
-                            return Ok(());
+                            return Exit::Shutdown;
                         }
                         () = tokio::time::sleep(backoff) => {}
                     }
@@ -136,8 +181,6 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("projector stopped");
-    Ok(())
 }
 
 async fn fill_batch(

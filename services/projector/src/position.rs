@@ -23,9 +23,19 @@ pub type Positions = HashMap<(String, i32), i64>;
 #[derive(Clone, Default)]
 pub struct PositionContext {
     positions: Arc<Mutex<Positions>>,
+    /// Group membership health of the consumer this context belongs to.
+    pub health: platform::kafka::GroupHealth,
 }
 
 impl PositionContext {
+    /// A context for a new consumer instance: the same positions, its own health.
+    pub fn for_new_consumer(&self) -> Self {
+        Self {
+            positions: self.positions.clone(),
+            health: platform::kafka::GroupHealth::default(),
+        }
+    }
+
     /// Records positions known to be applied (only ever moves forward).
     pub fn advance(&self, known: &Positions) {
         let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
@@ -56,7 +66,11 @@ impl PositionContext {
     }
 }
 
-impl ClientContext for PositionContext {}
+impl ClientContext for PositionContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.health.observe(statistics);
+    }
+}
 
 impl ConsumerContext for PositionContext {
     fn rebalance(
@@ -79,7 +93,7 @@ impl ConsumerContext for PositionContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                tracing::info!(kafka.partitions = ?platform::kafka::partitions_of(tpl), "partitions revoked");
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {

@@ -111,7 +111,9 @@ fn lag(rebuilt: &Positions, live: &Positions) -> i64 {
 }
 
 /// A consumer assigned every partition of the event topics from the beginning (no group offsets).
-fn from_beginning(kafka: &KafkaConfig) -> Result<StreamConsumer, ReplayError> {
+fn from_beginning(
+    kafka: &KafkaConfig,
+) -> Result<StreamConsumer<platform::kafka::WatchedContext>, ReplayError> {
     let group = format!("catalog-replay-{}", uuid::Uuid::new_v4().simple());
     let consumer = platform::kafka::consumer(kafka, &group, "catalog-replay")?;
     let mut tpl = TopicPartitionList::new();

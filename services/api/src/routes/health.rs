@@ -16,9 +16,24 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-/// The process is up and serving HTTP.
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// The process is up, serving HTTP, and not wedged: 503 when every pooled PostgreSQL connection is
+/// checked out and none comes back within the pool's checkout timeout (connections held by work that
+/// never ends; a restart is the cure). PostgreSQL being down is a readiness matter, not liveness.
+async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    use deadpool_postgres::{PoolError, TimeoutType};
+    match state.pool.get().await {
+        Err(PoolError::Timeout(TimeoutType::Wait)) if state.pool.status().available == 0 => {
+            tracing::error!(
+                pool.size = state.pool.status().size,
+                "every database connection is held and none came back: wedged"
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "wedged", "reason": "no database connection came back" })),
+            )
+        }
+        _ => (StatusCode::OK, Json(json!({ "status": "ok" }))),
+    }
 }
 
 /// PostgreSQL and the Kafka brokers answer; 503 naming the failing ones otherwise.

@@ -10,11 +10,12 @@ use events::{Envelope, UserEvent, UserRegistered, UserState};
 use platform::read_model::{USER_COLUMNS, user_from_row};
 use uuid::Uuid;
 
-use super::{idempotency_key, path_id, read_projected, request_id};
+use super::{idempotency_key, path_id, request_id};
 use crate::commands::{self, Command};
 use crate::domain::{FieldError, NewUser};
 use crate::error::ApiError;
 use crate::extract::JsonFields;
+use crate::query;
 use crate::state::AppState;
 
 const ROUTE: &str = "POST /users";
@@ -88,9 +89,12 @@ async fn get_user(
     Path(id): Path<String>,
 ) -> Result<Json<UserState>, ApiError> {
     let id = path_id(&id)?;
-    read_projected(&state, "users", USER_COLUMNS, id, 0, user_from_row, |u| {
-        u.version
-    })
+    query::wait_projected(
+        state.read_wait,
+        0,
+        |u: &UserState| u.version,
+        || query::projected(&state.pool, "users", USER_COLUMNS, id, user_from_row, || ()),
+    )
     .await?
     .map(Json)
     .ok_or(ApiError::NotFound("user"))

@@ -1,0 +1,88 @@
+//! Queries of the projection that the routes and the read path share, and the bounded wait for
+//! read-your-writes.
+//!
+//! Every query checks a connection out of the pool, runs one statement and gives the connection back:
+//! nothing here holds a pooled connection while it waits, so a read waiting for the projection (or a
+//! client that gave up on one) never starves the requests behind it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// How often a read waiting for the projection looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// One look at a projected row.
+#[derive(Debug, Clone)]
+pub(crate) struct Projected<T> {
+    /// The row, if it is projected.
+    pub(crate) value: Option<T>,
+    /// The version the command log accepted for the id (0 if this API accepted none).
+    pub(crate) accepted: u64,
+}
+
+/// Reads `columns` of `table` (whose first column is `id`) for `id`, and the version the command log
+/// accepted for it, in one statement. `sending` runs just before the statement goes out (the single
+/// flight records when its snapshot can have been taken).
+pub(crate) async fn projected<T>(
+    pool: &Pool,
+    table: &str,
+    columns: &str,
+    id: Uuid,
+    from_row: fn(&tokio_postgres::Row) -> T,
+    sending: impl FnOnce(),
+) -> Result<Projected<T>, ApiError> {
+    let client = pool.get().await?;
+    let sql = format!(
+        "SELECT {columns},
+                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
+           FROM (SELECT $1::uuid AS wanted) w LEFT JOIN {table} ON {table}.id = w.wanted"
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    sending();
+    let row = client.query_one(&statement, &[&id]).await?;
+    let accepted: Option<i64> = row.get(row.len() - 1);
+    let value = row
+        .get::<_, Option<Uuid>>(0)
+        .is_some()
+        .then(|| from_row(&row));
+    Ok(Projected {
+        value,
+        accepted: accepted.and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+    })
+}
+
+/// Looks (with `look`) until the row reaches the larger of `min_version` and the version this API
+/// accepted for it, or `wait` runs out; then returns the row as it is (callers compare versions).
+///
+/// An id that is neither projected nor accepted, with no `min_version`, is answered at once.
+/// Between looks nothing is held but a timer, and dropping the returned future stops the wait.
+pub(crate) async fn wait_projected<T, F, Fut>(
+    wait: Duration,
+    min_version: u64,
+    version_of: impl Fn(&T) -> u64,
+    mut look: F,
+) -> Result<Option<T>, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Projected<T>, ApiError>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let Projected { value, accepted } = look().await?;
+        let wanted = accepted.max(min_version);
+        let caught_up = match &value {
+            None => accepted == 0 && min_version == 0,
+            Some(v) => version_of(v) >= wanted,
+        };
+        let now = tokio::time::Instant::now();
+        if caught_up || now >= deadline {
+            return Ok(value);
+        }
+        tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+    }
+}

@@ -1,0 +1,145 @@
+//! The broker stalls or dies under the services: writes come back once it does, and nothing accepted
+//! is lost. Each test runs its own broker process (see `procs`), so the fault stays private.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{TestApi, TestEnv, eventually, product_body};
+use crate::procs::PrivateBroker;
+
+/// POSTs a product with its own `Idempotency-Key`; returns the key and the status.
+async fn post_product(api: &TestApi, user: &str) -> (String, u16) {
+    let key = Uuid::new_v4().to_string();
+    let status = api
+        .http
+        .post(api.url("/products"))
+        .header("idempotency-key", &key)
+        .json(&product_body(user))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    (key, status)
+}
+
+/// Every product command the API recorded, with whether it is marked published.
+async fn product_commands(env: &TestEnv) -> Vec<(Uuid, bool)> {
+    env.pg()
+        .await
+        .query(
+            "SELECT id, published_at IS NOT NULL FROM api_commands WHERE route = 'POST /products'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_timeout() {
+    let broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let api = env.spawn_api().await;
+    // A member left out of its group after the stall rejoins with a new consumer after this long.
+    let mut projector_config = env.projector_config();
+    projector_config.kafka.rejoin_after_ms = 12_000;
+    let projector = env.spawn_projector_with(projector_config);
+    let user = api.create_user().await;
+    assert_eq!(post_product(&api, &user).await.1, 201);
+
+    broker.pause();
+    // Writes go on during the pause; each fails once the producer's message timeout (10 s) passes,
+    // leaving its command recorded but unpublished.
+    let during: Vec<_> = (0..3)
+        .map(|_| {
+            let http = api.http.clone();
+            let url = api.url("/products");
+            let body = product_body(&user);
+            tokio::spawn(async move {
+                http.post(url)
+                    .header("idempotency-key", Uuid::new_v4().to_string())
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    for write in during {
+        assert_eq!(write.await.unwrap(), 503, "a write during the pause");
+    }
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status(), 503, "not ready while the broker is paused");
+    broker.resume();
+    let resumed = Instant::now();
+
+    // Writes succeed again promptly after the resume (the bound is 5 s; allow CI slack).
+    eventually("a write succeeds after the resume", || async {
+        (post_product(&api, &user).await.1 == 201).then_some(())
+    })
+    .await;
+    let back_after = resumed.elapsed();
+    assert!(
+        back_after < Duration::from_secs(15),
+        "writes came back only {back_after:?} after the resume"
+    );
+    eventually("ready again", || async {
+        (api.get("/readyz").await.status() == 200).then_some(())
+    })
+    .await;
+
+    // Every command recorded (before, during and after the pause) is published by the relay, is in
+    // the log with the same content wherever it appears twice, and is projected.
+    let commands = eventually("every command published", || async {
+        let commands = product_commands(&env).await;
+        commands
+            .iter()
+            .all(|(_, published)| *published)
+            .then_some(commands)
+    })
+    .await;
+    assert_eq!(commands.len(), 5);
+    let ids: HashSet<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
+    let distinct_events = |m: &[rdkafka::message::OwnedMessage]| {
+        m.iter()
+            .filter_map(|m| serde_json::from_slice::<Value>(m.payload()?).ok())
+            .filter_map(|v| v["event_id"].as_str().map(str::to_owned))
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let messages = env
+        .read_products_topic(|m| distinct_events(m) >= 2 * ids.len())
+        .await;
+    let mut by_event: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for m in &messages {
+        let body: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        by_event
+            .entry(body["event_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(m.payload().unwrap().to_vec());
+    }
+    assert_eq!(by_event.len(), 2 * ids.len(), "two events per product");
+    for (event, copies) in &by_event {
+        assert!(
+            copies.windows(2).all(|w| w[0] == w[1]),
+            "event {event} was appended twice with different content"
+        );
+    }
+    for id in &ids {
+        eventually("projected", || async {
+            let r = api.get(&format!("/products/{id}?min_version=2")).await;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}

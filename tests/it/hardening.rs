@@ -1,0 +1,73 @@
+//! Hostile clients: requests that are abandoned half-way must not cost anyone else anything.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, eventually};
+
+/// Sends a raw GET and hangs up after `after`, as an impatient client does.
+async fn get_and_disconnect(base: &str, path: &str, after: Duration) {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let _ = tokio::time::timeout(after, stream.read(&mut buf)).await;
+    drop(stream);
+}
+
+#[tokio::test]
+async fn clients_that_disconnect_while_waiting_do_not_wedge_the_api() {
+    let env = TestEnv::new().await;
+    // The pool is 8 connections in tests; three times as many abandoned waits as connections.
+    let api = env.spawn_api().await;
+    let abandoned = (0..24).map(|_| {
+        let path = format!("/products/{}?min_version=1", Uuid::new_v4());
+        let base = api.base.clone();
+        async move { get_and_disconnect(&base, &path, Duration::from_millis(100)).await }
+    });
+    futures::future::join_all(abandoned).await;
+
+    // Every request that needs PostgreSQL is served again promptly: 404 for an unknown user, not 503
+    // after the pool's checkout timeout, and readiness reports PostgreSQL ok.
+    eventually("reads answer from PostgreSQL again", || async {
+        let started = std::time::Instant::now();
+        let r = api.get(&format!("/users/{}", Uuid::new_v4())).await;
+        (r.status() == 404 && started.elapsed() < Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn many_waiting_reads_do_not_starve_other_requests() {
+    let env = TestEnv::new().await;
+    // Reads wait for the projection longer than a pool checkout may take (5 s): a waiting read that
+    // held its connection would make the plain read below time out at the pool and answer 503.
+    let mut config = env.api_config();
+    config.read_wait_ms = 8_000;
+    let api = env.spawn_api_with(config).await;
+    // Four times the pool size of reads waiting for versions that never come.
+    let waiting: Vec<_> = (0..32)
+        .map(|_| {
+            let http = api.http.clone();
+            let url = api.url(&format!("/products/{}?min_version=1", Uuid::new_v4()));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    // Plain reads all along the waits are answered from the pool, never left to time out at it.
+    for _ in 0..20 {
+        let r = api.get(&format!("/users/{}", Uuid::new_v4())).await;
+        assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    }
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap(), 404, "a version that never comes");
+    }
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,143 @@
+//! Real processes for fault tests: a private Kafka-protocol broker that a test may pause or kill
+//! without the rest of the suite noticing.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The repository root (the tests crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The tansu binary, found the way `scripts/broker.sh` finds it.
+fn tansu() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/broker.sh"))
+        .arg("ensure")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/broker.sh runs");
+    assert!(out.status.success(), "scripts/broker.sh ensure failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends `signal` (e.g. "STOP", "CONT", "KILL") to `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A Tansu broker (in memory) of one test, on its own port, stopped when dropped.
+pub struct PrivateBroker {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("catalog-broker-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Process id of the running broker.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
+    /// Stops it (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
+    }
+
+    /// Kills it (SIGKILL); its in-memory log is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: the storage is in memory).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu())
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("RUST_LOG", "warn")
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(self.addr()).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private broker did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused process cannot die from SIGKILL until it is continued on some kernels' views;
+            // continue it first so the kill always lands.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
