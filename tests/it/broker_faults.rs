@@ -9,6 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::helpers::{TestApi, TestEnv, eventually, product_body};
+use crate::pipeline::{ImageServer, create_product, settled};
 use crate::procs::PrivateBroker;
 
 /// POSTs a product with its own `Idempotency-Key`; returns the key and the status.
@@ -41,7 +42,7 @@ async fn product_commands(env: &TestEnv) -> Vec<(Uuid, bool)> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_timeout() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::on(broker.addr()).await;
@@ -50,8 +51,13 @@ async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_tim
     let mut projector_config = env.projector_config();
     projector_config.kafka.rejoin_after_ms = 12_000;
     let projector = env.spawn_projector_with(projector_config);
+    let mut worker_config = env.worker_config();
+    worker_config.kafka.rejoin_after_ms = 12_000;
+    let worker = env.spawn_worker_with(worker_config);
+    let images = ImageServer::start(600).await;
     let user = api.create_user().await;
-    assert_eq!(post_product(&api, &user).await.1, 201);
+    // An image job is in flight (its download takes 0.6 s) when the broker stops.
+    let in_flight = create_product(&api, &user, &[images.url("/slow/stall.jpg")]).await;
 
     broker.pause();
     // Writes go on during the pause; each fails once the producer's message timeout (10 s) passes,
@@ -106,6 +112,9 @@ async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_tim
     })
     .await;
     assert_eq!(commands.len(), 5);
+    // The job in flight during the stall finishes: its image is ready.
+    let product = settled(&api, &in_flight, 3).await;
+    assert_eq!(product["images"][0]["status"], "ready", "{product}");
     let ids: HashSet<String> = commands.iter().map(|(id, _)| id.to_string()).collect();
     let distinct_events = |m: &[rdkafka::message::OwnedMessage]| {
         m.iter()
@@ -139,7 +148,45 @@ async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_tim
         })
         .await;
     }
+    worker.stop().await;
     projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_broker_restarted_empty_is_reported_not_ready_and_writes_fail_cleanly() {
+    let mut broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let api = env.spawn_api().await;
+    let user = api.create_user().await;
+    assert_eq!(post_product(&api, &user).await.1, 201);
+
+    // Development brokers keep the log in memory: killed and restarted, the log and topics are gone.
+    broker.kill();
+    broker.restart().await;
+    let body: Value = eventually("readiness names the missing topic", || async {
+        let r = api.get("/readyz").await;
+        if r.status() != 503 {
+            return None;
+        }
+        let body: Value = r.json().await.ok()?;
+        body["checks"]["kafka"]
+            .as_str()?
+            .contains("missing")
+            .then_some(body)
+    })
+    .await;
+    assert_eq!(body["checks"]["postgres"], "ok");
+    // A write is refused with 503 (its command recorded, unpublished), never a 500 or a hang.
+    let (_, status) = post_product(&api, &user).await;
+    assert_eq!(status, 503);
+    let unpublished = product_commands(&env)
+        .await
+        .iter()
+        .filter(|(_, published)| !published)
+        .count();
+    assert_eq!(unpublished, 1);
     api.stop().await;
     env.cleanup().await;
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApi, TestEnv, eventually, keyed};
 
 /// A local image server with failure modes, on 127.0.0.1 (allowed by the test worker's allow-list).
-struct ImageServer {
+pub(crate) struct ImageServer {
     base: String,
     port: u16,
     fixed: Arc<AtomicBool>,
@@ -132,7 +132,7 @@ async fn redirect_internal(State(s): State<ServerState>) -> Response {
 }
 
 impl ImageServer {
-    async fn start(slow_ms: u64) -> Self {
+    pub(crate) async fn start(slow_ms: u64) -> Self {
         let state = ServerState {
             slow_ms,
             ..ServerState::default()
@@ -169,12 +169,12 @@ impl ImageServer {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 }
 
-async fn create_product(api: &TestApi, user_id: &str, images: &[String]) -> String {
+pub(crate) async fn create_product(api: &TestApi, user_id: &str, images: &[String]) -> String {
     let body = json!({
         "user_id": user_id,
         "product_name": "Lamp",
@@ -190,7 +190,7 @@ async fn create_product(api: &TestApi, user_id: &str, images: &[String]) -> Stri
 }
 
 /// Polls GET until no image is pending, and returns the product.
-async fn settled(api: &TestApi, id: &str, version: u64) -> Value {
+pub(crate) async fn settled(api: &TestApi, id: &str, version: u64) -> Value {
     eventually("every image has an outcome", || async {
         let p: Value = api
             .get(&format!("/products/{id}"))

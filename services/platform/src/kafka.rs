@@ -468,20 +468,50 @@ pub async fn create_topics(cfg: &KafkaConfig, wanted: &[(&str, i64)]) -> Result<
     Ok(())
 }
 
-/// Checks that the producer can send: it has not failed fatally, and the brokers answer a metadata
-/// request within `timeout`.
-pub async fn ping(producer: &EventProducer, timeout: Duration) -> Result<(), KafkaError> {
+/// Checks that the producer can send: it has not failed fatally, the brokers answer a metadata request
+/// within `timeout`, and every topic in `topics` exists (a broker restarted with an empty log has none).
+pub async fn ping(
+    producer: &EventProducer,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), PingError> {
     use rdkafka::producer::Producer;
     if let Some(fatal) = producer.fatal_error() {
         // Replaced at once, so the next probe (and the next write) uses a working instance.
         let _ = producer.current();
-        return Err(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::Fatal))
-            .inspect_err(|_| tracing::warn!(error = %fatal, "producer had failed fatally"));
+        tracing::warn!(error = %fatal, "producer had failed fatally");
+        return Err(PingError::ProducerFailed);
     }
     let producer = producer.current();
-    tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
-        .await
-        .unwrap_or(Err(KafkaError::Canceled))
+    let metadata =
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+            .map_err(PingError::Unreachable)?;
+    for wanted in topics {
+        let present = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == *wanted && t.error().is_none() && !t.partitions().is_empty());
+        if !present {
+            return Err(PingError::TopicMissing((*wanted).to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// Why [`ping`] failed; the texts are safe to show in a readiness report.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    /// The producer instance had failed fatally (it has been replaced).
+    #[error("producer failed fatally; replaced")]
+    ProducerFailed,
+    /// The brokers did not answer.
+    #[error("brokers unreachable")]
+    Unreachable(#[source] KafkaError),
+    /// An event topic does not exist.
+    #[error("topic {0} missing")]
+    TopicMissing(String),
 }
 
 /// Kafka headers for an event envelope (CloudEvents Kafka binding names, see the `events` crate).

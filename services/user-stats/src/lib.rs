@@ -69,13 +69,38 @@ CREATE TABLE IF NOT EXISTS user_product_counts (
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let pool = platform::db::pool(&config.db)?;
     pool.get().await?.batch_execute(SCHEMA).await?;
-    let consumer =
-        platform::kafka::consumer(&config.kafka, &config.group_id, "catalog-user-stats")?;
-    consumer.subscribe(&[&config.kafka.topics().products])?;
     tokio::pin!(shutdown);
     loop {
+        let consumer =
+            platform::kafka::consumer(&config.kafka, &config.group_id, "catalog-user-stats")?;
+        consumer.subscribe(&[&config.kafka.topics().products])?;
+        let exit = consume(&config, &pool, &consumer, &mut shutdown).await;
+        platform::kafka::close(consumer, std::time::Duration::from_secs(10)).await;
+        if exit? {
+            return Ok(());
+        }
+    }
+}
+
+/// Consumes until shutdown (`Ok(true)`) or until the consumer's group membership has been unsettled
+/// for `KAFKA_REJOIN_AFTER_MS` (`Ok(false)`: the caller joins again with a new consumer).
+async fn consume(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    consumer: &rdkafka::consumer::StreamConsumer<platform::kafka::WatchedContext>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, Error> {
+    let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
         let message = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut *shutdown => return Ok(true),
+            _ = watch.tick() => {
+                if consumer.context().health.unsettled_for() > config.kafka.rejoin_after() {
+                    tracing::warn!("group membership not settled; rejoining with a new consumer");
+                    return Ok(false);
+                }
+                continue;
+            }
             m = consumer.recv() => match m {
                 Ok(m) => m.detach(),
                 Err(error) => {
@@ -127,5 +152,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         )?;
         consumer.commit(&tpl, CommitMode::Async)?;
     }
-    Ok(())
 }

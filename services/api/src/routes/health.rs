@@ -36,21 +36,31 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     }
 }
 
-/// PostgreSQL and the Kafka brokers answer; 503 naming the failing ones otherwise.
+/// PostgreSQL and the Kafka brokers answer, the producer can send and the event topics exist; 503
+/// naming the failing checks otherwise.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let timeout = Duration::from_secs(2);
+    let topics = state.topics.all();
     let (pg, kafka) = tokio::join!(
         tokio::time::timeout(timeout, platform::db::ping(&state.pool)),
-        platform::kafka::ping(&state.producer, timeout),
+        platform::kafka::ping(&state.producer, &topics, timeout),
     );
+    // The report names what failed in fixed words; the driver's text (addresses, names) goes only to
+    // the log.
     let pg = match pg {
         Ok(Ok(())) => "ok".to_owned(),
-        Ok(Err(e)) => e.to_string(),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "readiness: postgres failed");
+            "unavailable".to_owned()
+        }
         Err(_) => "timed out".to_owned(),
     };
     let kafka = match kafka {
         Ok(()) => "ok".to_owned(),
-        Err(e) => e.to_string(),
+        Err(error) => {
+            tracing::warn!(error = ?error, "readiness: kafka failed");
+            error.to_string()
+        }
     };
     let ready = pg == "ok" && kafka == "ok";
     if !ready {
