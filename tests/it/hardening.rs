@@ -71,3 +71,27 @@ async fn many_waiting_reads_do_not_starve_other_requests() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn list_filters_postgres_cannot_store_are_refused_by_name() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let user = Uuid::new_v4();
+    let far = format!(
+        "-{:x}.{}",
+        1_000_000_000_000_000_000_i64,
+        Uuid::nil().simple()
+    );
+    for (query, field) in [
+        (format!("user_id={user}&name=%00"), "name"),
+        (format!("user_id={user}&name=desk%07"), "name"),
+        (format!("user_id={user}&cursor={far}"), "cursor"),
+    ] {
+        let r = api.get(&format!("/products?{query}")).await;
+        assert_eq!(r.status(), 422, "{query}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["field"], field, "{query}");
+    }
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -64,8 +64,9 @@ impl Cidr {
 }
 
 /// Addresses no image URL may reach unless explicitly allowed: loopback, private, link-local,
-/// unspecified, shared (CGNAT), multicast, broadcast and reserved ranges, in IPv4 and IPv6 (including
-/// IPv4-mapped IPv6).
+/// unspecified, shared (CGNAT), benchmarking, multicast, broadcast and reserved ranges, in IPv4 and IPv6,
+/// and every IPv6 range that embeds or tunnels to an IPv4 address (mapped, compatible, NAT64, 6to4,
+/// Teredo), since those can lead to an internal IPv4 host.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
@@ -73,13 +74,19 @@ pub fn is_internal(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal_v4(v4);
             }
-            let first = v6.segments()[0];
+            let [first, second, third, ..] = v6.segments();
+            let leading_zeros = v6.segments()[..6].iter().all(|&s| s == 0);
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                || leading_zeros // IPv4-compatible ::/96 (deprecated)
                 || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
                 || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
-                || (first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+                || (first & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
+                || (first == 0x2001 && second == 0x0db8) // documentation
+                || (first == 0x2001 && second == 0) // Teredo 2001::/32
+                || first == 0x2002 // 6to4 2002::/16
+                || (first == 0x0064 && second == 0xff9b && (third == 0 || third == 1)) // NAT64 64:ff9b::/96, 64:ff9b:1::/48
                 || v6 == Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0, 0])
         }
     }
@@ -96,6 +103,7 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || ip.is_documentation()
         || a == 0
         || (a == 100 && (64..128).contains(&b)) // shared address space 100.64/10
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking 198.18/15
         || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
         || a >= 240 // reserved
 }
@@ -169,6 +177,9 @@ impl Fetcher {
         let redirect_policy = policy.clone();
         let max_redirects = limits.max_redirects;
         let client = reqwest::Client::builder()
+            // A proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY would connect on our behalf to an address
+            // the resolver never checks: image fetches never use one.
+            .no_proxy()
             .user_agent("catalog-image-worker/0.1")
             .connect_timeout(limits.connect_timeout)
             .timeout(limits.total_timeout)
@@ -302,6 +313,14 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "2002:a00:1::1",
+            "::a00:1",
+            "fec0::1",
+            "2001:0:4136:e378::1",
         ] {
             assert!(is_internal(ip(internal)), "{internal} is internal");
         }

@@ -305,10 +305,14 @@ impl Cursor {
         )
     }
 
+    /// Reads a cursor; `None` for anything this API cannot have returned, including timestamps
+    /// outside years 1–9999 (PostgreSQL refuses some of those, and no product was created then).
     fn decode(text: &str) -> Option<Self> {
+        use chrono::Datelike;
         let (micros, id) = text.split_once('.')?;
-        Some(Self {
-            created_at: DateTime::from_timestamp_micros(i64::from_str_radix(micros, 16).ok()?)?,
+        let created_at = DateTime::from_timestamp_micros(i64::from_str_radix(micros, 16).ok()?)?;
+        (1..=9999).contains(&created_at.year()).then_some(Self {
+            created_at,
             id: Uuid::try_parse(id).ok()?,
         })
     }
@@ -348,6 +352,12 @@ impl ListQuery {
             let v = v.trim();
             if v.is_empty() || v.chars().count() > 200 {
                 errors.push(FieldError::new("name", "must be 1 to 200 characters"));
+                None
+            } else if v.chars().any(char::is_control) {
+                errors.push(FieldError::new(
+                    "name",
+                    "must not contain control characters",
+                ));
                 None
             } else {
                 Some(v.to_owned())
@@ -506,6 +516,20 @@ mod tests {
         );
         assert_eq!(
             bad_fields(&[("user_id", USER), ("cursor", "zz")]),
+            ["cursor"]
+        );
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("name", "desk\u{0}")]),
+            ["name"]
+        );
+        // A well-formed cursor whose time (year -29718) chrono accepts and PostgreSQL cannot represent.
+        let far = format!(
+            "-{:x}.{}",
+            1_000_000_000_000_000_000_i64,
+            Uuid::nil().simple()
+        );
+        assert_eq!(
+            bad_fields(&[("user_id", USER), ("cursor", &far)]),
             ["cursor"]
         );
         let q = ListQuery::parse(&params(&[("user_id", USER), ("name", " desk ")])).unwrap();
