@@ -529,15 +529,7 @@ async fn supervise<F>(
 
 /// Whether `consumer`'s membership has been unsettled longer than allowed (logged when so).
 fn stuck(consumer: &GroupConsumer, kafka: &KafkaConfig) -> bool {
-    let unsettled = consumer.context().health.unsettled_for();
-    let stuck = unsettled > kafka.rejoin_after();
-    if stuck {
-        tracing::warn!(
-            unsettled_ms = unsettled.as_millis() as u64,
-            "group membership not settled; rejoining with a new consumer"
-        );
-    }
-    stuck
+    consumer.context().health.stuck(kafka.rejoin_after())
 }
 
 /// Consumes `ImagesRequested` from the products topic until shutdown.

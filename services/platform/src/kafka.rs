@@ -281,6 +281,20 @@ impl GroupHealth {
         }
     }
 
+    /// Whether the membership has been unsettled for longer than `limit` (logged when so): the consume
+    /// loop should then replace its consumer with a new instance.
+    pub fn stuck(&self, limit: Duration) -> bool {
+        let unsettled = self.unsettled_for();
+        let stuck = unsettled > limit;
+        if stuck {
+            tracing::warn!(
+                unsettled_ms = unsettled.as_millis() as u64,
+                "group membership not settled; rejoining with a new consumer"
+            );
+        }
+        stuck
+    }
+
     /// How long the membership has not been settled (zero-ish while it is).
     pub fn unsettled_for(&self) -> Duration {
         self.settled_at
@@ -530,6 +544,19 @@ pub fn headers(wire: &events::WireEnvelope, source: &str) -> OwnedHeaders {
 mod tests {
     use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn only_a_steady_join_state_counts_as_settled() {
+        let health = super::GroupHealth::default();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        health.observe(br#"{"name":"c","cgrp":{"state":"up","join_state":"wait-join"}}"#);
+        health.observe(br#"{"name":"c"}"#);
+        health.observe(b"not json");
+        assert!(health.unsettled_for() >= std::time::Duration::from_millis(30));
+        assert!(health.stuck(std::time::Duration::from_millis(10)));
+        health.observe(br#"{"name":"c","cgrp":{"state":"up","join_state":"steady"}}"#);
+        assert!(!health.stuck(std::time::Duration::from_millis(10)));
+    }
 
     #[test]
     fn fenced_and_sequence_errors_end_a_producer_instance_timeouts_do_not() {

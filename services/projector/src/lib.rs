@@ -130,9 +130,7 @@ async fn project(
             () = &mut *shutdown => return Exit::Shutdown,
             received = consumer.recv() => received,
             _ = watch.tick() => {
-                let unsettled = context.health.unsettled_for();
-                if unsettled > config.kafka.rejoin_after() {
-                    tracing::warn!(unsettled_ms = unsettled.as_millis() as u64, "group membership not settled; rejoining with a new consumer");
+                if context.health.stuck(config.kafka.rejoin_after()) {
                     return Exit::Rejoin;
                 }
                 continue;

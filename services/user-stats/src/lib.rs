@@ -95,8 +95,7 @@ async fn consume(
         let message = tokio::select! {
             () = &mut *shutdown => return Ok(true),
             _ = watch.tick() => {
-                if consumer.context().health.unsettled_for() > config.kafka.rejoin_after() {
-                    tracing::warn!("group membership not settled; rejoining with a new consumer");
+                if consumer.context().health.stuck(config.kafka.rejoin_after()) {
                     return Ok(false);
                 }
                 continue;
