@@ -95,3 +95,37 @@ async fn list_filters_postgres_cannot_store_are_refused_by_name() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_client_request_id_is_kept_only_when_short_and_plain() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let echoed = |id: String| {
+        let api = &api;
+        async move {
+            let r = api
+                .http
+                .get(api.url("/healthz"))
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            r.headers()["x-request-id"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(echoed("order-42.retry:1".into()).await, "order-42.retry:1");
+    for hostile in [
+        "x".repeat(10_000),
+        "a b".into(),
+        "<script>".into(),
+        "id\"}".into(),
+    ] {
+        let id = echoed(hostile.clone()).await;
+        assert!(
+            Uuid::parse_str(&id).is_ok(),
+            "{hostile:.20} was replaced by a fresh id, got {id:.40}"
+        );
+    }
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -95,6 +95,26 @@ pub fn with_middleware(routes: Router, config: &Config) -> Router {
         .layer(middleware::from_fn(trace_request))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(bound_request_id))
+}
+
+/// Longest client-supplied `x-request-id` kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's `x-request-id` is copied into events, the command log and every log line, so only a short
+/// id of plain characters (letters, digits, `-_.:`) is kept; any other is replaced by a fresh UUID.
+async fn bound_request_id(mut request: Request, next: Next) -> Response {
+    let acceptable = request.headers().get(X_REQUEST_ID).is_none_or(|v| {
+        let v = v.as_bytes();
+        !v.is_empty()
+            && v.len() <= MAX_REQUEST_ID_LEN
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !acceptable {
+        request.headers_mut().remove(X_REQUEST_ID);
+    }
+    next.run(request).await
 }
 
 /// One span per request (method, route, path, request id; status and latency when done), and the
