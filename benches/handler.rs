@@ -53,6 +53,7 @@ fn handler(c: &mut Criterion) {
             version: 2,
             created_at: now,
             updated_at: now,
+            deleted_at: None,
         };
         let pool = platform::db::pool(&config.db).unwrap();
         platform::read_model::upsert_product(&**pool.get().await.unwrap(), &product)

@@ -22,7 +22,7 @@ pub use envelope::{
 pub use headers::{HeaderName, header_names};
 pub use product::{
     ImageOutcome, ImageOutcomeStatus, ImageRef, ImageVariant, ImagesProcessed, ImagesRequested,
-    ProductCreated, ProductEvent,
+    ProductCreated, ProductDeleted, ProductEvent, ProductUpdated,
 };
 pub use state::{ApplyError, ImageStatus, ImageStatusKind, ProductState, UserState};
 pub use upcast::upcast;

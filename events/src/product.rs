@@ -37,9 +37,9 @@ pub struct ImageRef {
 /// The images of a product were submitted for processing (the image worker's job).
 ///
 /// Follows the `ProductCreated` that named them (sequence 2; a product without images has one with an
-/// empty list, so every product stream has the same shape), or is appended later by a re-drive from
-/// the dead-letter topic for the images that failed. Its sequence + 1 is reserved for the
-/// `ImagesProcessed` that answers it.
+/// empty list, so every product stream has the same shape); later ones come from an edit that added
+/// images (`ProductUpdated`) or from a re-drive of images that failed. The `ImagesProcessed` that
+/// answers it comes at some later sequence and names it by event id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagesRequested {
     /// The images to process.
@@ -99,15 +99,50 @@ pub struct ImageOutcome {
 
 /// The image worker finished the job of one `ImagesRequested`: every image of it is ready or failed.
 ///
-/// Always at the sequence right after the `ImagesRequested` it answers (`request_sequence + 1`), with
-/// the id that sequence implies, so a job run twice produces the same event.
+/// Appended at the next free sequence of the product stream when the job ends (events may come between
+/// the request and its answer). A job answers its request once: the event store refuses a second answer
+/// to the same `request_event_id`, so a job run twice appends one event. Outcomes apply by URL to the
+/// images still waiting for them; an image removed by an edit meanwhile ignores its outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagesProcessed {
     /// Sequence of the `ImagesRequested` this answers.
     pub request_sequence: u64,
-    /// One outcome per requested image, by position.
+    /// Event id of the `ImagesRequested` this answers (absent in events appended before edits existed,
+    /// which always answered the request at `request_sequence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_event_id: Option<Uuid>,
+    /// One outcome per requested image, by position at request time.
     pub images: Vec<ImageOutcome>,
 }
+
+/// Fields of a product were changed by its owner. Carries only the fields that changed.
+///
+/// A change of `product_images` keeps what is known of every URL still listed (a processed image keeps
+/// its variants, whatever its new position), drops the images and variants of URLs no longer listed,
+/// and is followed by an `ImagesRequested` for the URLs that are new.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProductUpdated {
+    /// New name, if it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_name: Option<String>,
+    /// New description, if it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_description: Option<String>,
+    /// New price (exact, as a JSON string), if it changed; the currency does not change.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    pub product_price: Option<Decimal>,
+    /// The new list of source image URLs, in order, if it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_images: Option<Vec<String>>,
+}
+
+/// The product was withdrawn by its owner: the last event of its stream. Its history stays readable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProductDeleted {}
 
 /// Every event of a product stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +153,10 @@ pub enum ProductEvent {
     ImagesRequested(ImagesRequested),
     /// See [`ImagesProcessed`].
     ImagesProcessed(ImagesProcessed),
+    /// See [`ProductUpdated`].
+    Updated(ProductUpdated),
+    /// See [`ProductDeleted`].
+    Deleted(ProductDeleted),
 }
 
 impl DomainEvent for ProductEvent {
@@ -128,13 +167,18 @@ impl DomainEvent for ProductEvent {
             ProductEvent::Created(_) => "ProductCreated",
             ProductEvent::ImagesRequested(_) => "ImagesRequested",
             ProductEvent::ImagesProcessed(_) => "ImagesProcessed",
+            ProductEvent::Updated(_) => "ProductUpdated",
+            ProductEvent::Deleted(_) => "ProductDeleted",
         }
     }
 
     fn schema_version(&self) -> u32 {
         match self {
             ProductEvent::Created(_) => 2,
-            ProductEvent::ImagesRequested(_) | ProductEvent::ImagesProcessed(_) => 1,
+            ProductEvent::ImagesRequested(_)
+            | ProductEvent::ImagesProcessed(_)
+            | ProductEvent::Updated(_)
+            | ProductEvent::Deleted(_) => 1,
         }
     }
 
@@ -143,6 +187,8 @@ impl DomainEvent for ProductEvent {
             ProductEvent::Created(e) => serde_json::to_value(e),
             ProductEvent::ImagesRequested(e) => serde_json::to_value(e),
             ProductEvent::ImagesProcessed(e) => serde_json::to_value(e),
+            ProductEvent::Updated(e) => serde_json::to_value(e),
+            ProductEvent::Deleted(e) => serde_json::to_value(e),
         }
         .expect("event payload serialises")
     }
@@ -152,6 +198,8 @@ impl DomainEvent for ProductEvent {
             "ProductCreated" => Ok(ProductEvent::Created(serde_json::from_value(data)?)),
             "ImagesRequested" => Ok(ProductEvent::ImagesRequested(serde_json::from_value(data)?)),
             "ImagesProcessed" => Ok(ProductEvent::ImagesProcessed(serde_json::from_value(data)?)),
+            "ProductUpdated" => Ok(ProductEvent::Updated(serde_json::from_value(data)?)),
+            "ProductDeleted" => Ok(ProductEvent::Deleted(serde_json::from_value(data)?)),
             other => Err(DecodeError::UnknownEventType {
                 aggregate_type: AggregateType::Product,
                 event_type: other.to_owned(),

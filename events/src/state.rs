@@ -35,6 +35,9 @@ pub enum ApplyError {
     /// A creation event for a stream that already exists.
     #[error("{0} can only be the first event of a stream")]
     NotFirst(&'static str),
+    /// An event after the product was deleted (a deletion is the last event of a stream).
+    #[error("{0} cannot follow the deletion of the product")]
+    AfterDeletion(&'static str),
 }
 
 /// Processing status of one source image.
@@ -94,6 +97,9 @@ pub struct ProductState {
     pub created_at: DateTime<Utc>,
     /// When the last event happened.
     pub updated_at: DateTime<Utc>,
+    /// When the product was deleted (absent while it exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 impl ProductState {
@@ -121,54 +127,161 @@ impl ProductState {
             version: 1,
             created_at: envelope.occurred_at,
             updated_at: envelope.occurred_at,
+            deleted_at: None,
         })
     }
 
     /// Applies the next event of the stream.
     pub fn apply(&mut self, envelope: &Envelope<ProductEvent>) -> Result<(), ApplyError> {
         check_next(self.version, envelope.sequence)?;
+        if self.deleted_at.is_some() {
+            return Err(ApplyError::AfterDeletion(envelope_type(envelope)));
+        }
         match &envelope.event {
             ProductEvent::Created(_) => return Err(ApplyError::NotFirst("ProductCreated")),
             ProductEvent::ImagesRequested(e) => {
-                // A first request lists every image; a re-drive lists the failed ones again. Either way
-                // each listed position becomes pending and loses what an earlier attempt stored.
+                // A first request lists every image; an edit or a re-drive lists some again. Either way
+                // each listed image (by URL, wherever it now stands) becomes pending and loses what an
+                // earlier attempt stored.
                 for image in &e.images {
-                    self.set_image(
-                        ImageStatus {
-                            position: image.position,
-                            url: image.url.clone(),
-                            status: ImageStatusKind::Pending,
-                            error_class: None,
-                            reason: None,
-                        },
-                        Vec::new(),
-                    );
+                    for position in self.positions_of(&image.url) {
+                        self.set_image(
+                            ImageStatus {
+                                position,
+                                url: image.url.clone(),
+                                status: ImageStatusKind::Pending,
+                                error_class: None,
+                                reason: None,
+                            },
+                            Vec::new(),
+                        );
+                    }
                 }
             }
             ProductEvent::ImagesProcessed(e) => {
                 for outcome in &e.images {
-                    let (status, variants) = match outcome.status {
-                        ImageOutcomeStatus::Ready => {
-                            (ImageStatusKind::Ready, outcome.variants.clone())
-                        }
-                        ImageOutcomeStatus::Failed => (ImageStatusKind::Failed, Vec::new()),
-                    };
-                    self.set_image(
-                        ImageStatus {
-                            position: outcome.position,
-                            url: outcome.url.clone(),
-                            status,
-                            error_class: outcome.error_class.clone(),
-                            reason: outcome.reason.clone(),
-                        },
-                        variants,
-                    );
+                    // Only images still waiting take an outcome: one removed by an edit meanwhile has
+                    // no position any more, and one already answered keeps its answer.
+                    let waiting: Vec<u32> = self
+                        .positions_of(&outcome.url)
+                        .into_iter()
+                        .filter(|&p| {
+                            self.images
+                                .iter()
+                                .any(|i| i.position == p && i.status == ImageStatusKind::Pending)
+                        })
+                        .collect();
+                    for position in waiting {
+                        let (status, variants) = match outcome.status {
+                            ImageOutcomeStatus::Ready => (
+                                ImageStatusKind::Ready,
+                                outcome
+                                    .variants
+                                    .iter()
+                                    .cloned()
+                                    .map(|v| ImageVariant { position, ..v })
+                                    .collect(),
+                            ),
+                            ImageOutcomeStatus::Failed => (ImageStatusKind::Failed, Vec::new()),
+                        };
+                        self.set_image(
+                            ImageStatus {
+                                position,
+                                url: outcome.url.clone(),
+                                status,
+                                error_class: outcome.error_class.clone(),
+                                reason: outcome.reason.clone(),
+                            },
+                            variants,
+                        );
+                    }
                 }
             }
+            ProductEvent::Updated(e) => {
+                if let Some(name) = &e.product_name {
+                    self.product_name.clone_from(name);
+                }
+                if let Some(description) = &e.product_description {
+                    self.product_description.clone_from(description);
+                }
+                if let Some(price) = e.product_price {
+                    self.product_price = price.round_dp(2);
+                }
+                if let Some(urls) = &e.product_images {
+                    self.replace_images(urls);
+                }
+            }
+            ProductEvent::Deleted(_) => self.deleted_at = Some(envelope.occurred_at),
         }
         self.version = envelope.sequence;
         self.updated_at = envelope.occurred_at;
         Ok(())
+    }
+
+    /// Positions of `url` in `product_images`.
+    fn positions_of(&self, url: &str) -> Vec<u32> {
+        self.product_images
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| *u == url)
+            .filter_map(|(i, _)| u32::try_from(i).ok())
+            .collect()
+    }
+
+    /// The URLs that `urls` adds to the current `product_images` (each once, in order).
+    pub fn added_images(&self, urls: &[String]) -> Vec<String> {
+        let mut added: Vec<String> = Vec::new();
+        for url in urls {
+            if !self.product_images.contains(url) && !added.contains(url) {
+                added.push(url.clone());
+            }
+        }
+        added
+    }
+
+    /// A new list of source images: what is known of a URL still listed moves with it to its new
+    /// position (status and variants); URLs no longer listed are dropped with their variants; new URLs
+    /// are pending (the `ImagesRequested` that follows the edit asks for them).
+    fn replace_images(&mut self, urls: &[String]) {
+        let mut images = Vec::with_capacity(urls.len());
+        let mut variants = Vec::new();
+        for (position, url) in urls.iter().enumerate() {
+            let position = u32::try_from(position).unwrap_or(u32::MAX);
+            let known = self
+                .product_images
+                .iter()
+                .position(|u| u == url)
+                .and_then(|old| u32::try_from(old).ok());
+            let status = known.and_then(|old| self.images.iter().find(|i| i.position == old));
+            match (known, status) {
+                (Some(old), Some(status)) => {
+                    images.push(ImageStatus {
+                        position,
+                        ..status.clone()
+                    });
+                    variants.extend(
+                        self.compressed_product_images
+                            .iter()
+                            .filter(|v| v.position == old)
+                            .cloned()
+                            .map(|v| ImageVariant { position, ..v }),
+                    );
+                }
+                _ => images.push(ImageStatus {
+                    position,
+                    url: url.clone(),
+                    status: ImageStatusKind::Pending,
+                    error_class: None,
+                    reason: None,
+                }),
+            }
+        }
+        variants.sort_by(|a, b| {
+            (a.position, &a.variant, &a.format).cmp(&(b.position, &b.variant, &b.format))
+        });
+        self.product_images = urls.to_vec();
+        self.images = images;
+        self.compressed_product_images = variants;
     }
 
     /// Replaces what is known of the image at `status.position` (status and stored variants), keeping
@@ -267,7 +380,10 @@ fn check_next(version: u64, sequence: u64) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ImageRef, ImagesRequested, ProductCreated};
+    use crate::{
+        ImageOutcome, ImageRef, ImagesProcessed, ImagesRequested, ProductCreated, ProductDeleted,
+        ProductUpdated,
+    };
 
     fn created(id: Uuid) -> Envelope<ProductEvent> {
         Envelope::new(
@@ -334,5 +450,100 @@ mod tests {
         );
         assert_eq!(state, before);
         assert!(ProductState::create(&requested(id, 2)).is_err());
+    }
+
+    fn at(id: Uuid, seq: u64, event: ProductEvent) -> Envelope<ProductEvent> {
+        Envelope::new(id, seq, Utc::now(), None, event)
+    }
+
+    fn processed(url: &str, position: u32) -> ProductEvent {
+        ProductEvent::ImagesProcessed(ImagesProcessed {
+            request_sequence: 2,
+            request_event_id: None,
+            images: vec![ImageOutcome {
+                position,
+                url: url.into(),
+                status: ImageOutcomeStatus::Ready,
+                variants: vec![ImageVariant {
+                    position,
+                    variant: "thumb".into(),
+                    format: "webp".into(),
+                    url: format!("{url}.webp"),
+                    key: "k".into(),
+                    width: 1,
+                    height: 1,
+                    bytes: 1,
+                }],
+                error_class: None,
+                reason: None,
+            }],
+        })
+    }
+
+    fn images(urls: &[&str]) -> ProductEvent {
+        ProductEvent::Updated(ProductUpdated {
+            product_images: Some(urls.iter().map(|u| (*u).to_owned()).collect()),
+            ..ProductUpdated::default()
+        })
+    }
+
+    const A: &str = "https://x.example/a.jpg";
+    const B: &str = "https://x.example/b.jpg";
+
+    #[test]
+    fn given_a_ready_image_when_images_are_edited_then_it_keeps_its_variants_at_its_new_position() {
+        let id = Uuid::now_v7();
+        let mut state = ProductState::fold([&created(id), &requested(id, 2)])
+            .unwrap()
+            .unwrap();
+        state.apply(&at(id, 3, processed(A, 0))).unwrap();
+        state.apply(&at(id, 4, images(&[B, A]))).unwrap();
+        assert_eq!(state.product_images, [B, A]);
+        assert_eq!(state.images[0].status, ImageStatusKind::Pending);
+        assert_eq!(state.images[1].status, ImageStatusKind::Ready);
+        assert_eq!(state.compressed_product_images.len(), 1);
+        assert_eq!(state.compressed_product_images[0].position, 1);
+        assert_eq!(
+            state.added_images(&[B.into(), A.into()]),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn given_an_image_removed_while_processing_when_its_result_arrives_then_it_is_ignored() {
+        let id = Uuid::now_v7();
+        let mut state = ProductState::fold([&created(id), &requested(id, 2)])
+            .unwrap()
+            .unwrap();
+        state.apply(&at(id, 3, images(&[B]))).unwrap();
+        state.apply(&at(id, 4, processed(A, 0))).unwrap();
+        assert_eq!(state.version, 4);
+        assert_eq!(state.images.len(), 1);
+        assert_eq!(state.images[0].url, B);
+        assert_eq!(state.images[0].status, ImageStatusKind::Pending);
+        assert!(state.compressed_product_images.is_empty());
+    }
+
+    #[test]
+    fn given_fields_updated_then_only_those_change_and_a_deletion_ends_the_stream() {
+        let id = Uuid::now_v7();
+        let mut state = ProductState::fold([&created(id), &requested(id, 2)])
+            .unwrap()
+            .unwrap();
+        let update = ProductEvent::Updated(ProductUpdated {
+            product_price: Some(Decimal::new(1999, 2)),
+            ..ProductUpdated::default()
+        });
+        state.apply(&at(id, 3, update)).unwrap();
+        assert_eq!(state.product_price.to_string(), "19.99");
+        assert_eq!(state.product_name, "Desk");
+        state
+            .apply(&at(id, 4, ProductEvent::Deleted(ProductDeleted {})))
+            .unwrap();
+        assert!(state.deleted_at.is_some());
+        assert_eq!(
+            state.apply(&at(id, 5, processed(A, 0))),
+            Err(ApplyError::AfterDeletion("ImagesProcessed"))
+        );
     }
 }

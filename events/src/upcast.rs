@@ -13,7 +13,10 @@ fn newest_version(aggregate_type: AggregateType, event_type: &str) -> Option<u32
     match (aggregate_type, event_type) {
         (AggregateType::User, "UserRegistered") => Some(1),
         (AggregateType::Product, "ProductCreated") => Some(2),
-        (AggregateType::Product, "ImagesRequested" | "ImagesProcessed") => Some(1),
+        (
+            AggregateType::Product,
+            "ImagesRequested" | "ImagesProcessed" | "ProductUpdated" | "ProductDeleted",
+        ) => Some(1),
         _ => None,
     }
 }

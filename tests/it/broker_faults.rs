@@ -27,12 +27,13 @@ async fn post_product(api: &TestApi, user: &str) -> (String, u16) {
     (key, status)
 }
 
-/// Every product command the API recorded, with whether it is marked published.
+/// Every product stream in the event store, with whether all its events are published.
 async fn product_commands(env: &TestEnv) -> Vec<(Uuid, bool)> {
     env.pg()
         .await
         .query(
-            "SELECT id, published_at IS NOT NULL FROM api_commands WHERE route = 'POST /products'",
+            "SELECT aggregate_id, bool_and(published_at IS NOT NULL) FROM event_store
+              WHERE aggregate_type = 'product' GROUP BY aggregate_id",
             &[],
         )
         .await

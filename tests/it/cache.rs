@@ -125,6 +125,7 @@ async fn append_failed_result(env: &TestEnv, created: &Value) {
         None,
         events::ProductEvent::ImagesProcessed(events::ImagesProcessed {
             request_sequence: 2,
+            request_event_id: None,
             images: created["images"]
                 .as_array()
                 .unwrap()

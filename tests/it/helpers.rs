@@ -136,7 +136,7 @@ impl TestEnv {
                 .into_iter()
                 .collect::<Vec<_>>()
                 .chunks(2)
-                .filter(|kv| kv[0].starts_with("--kafka"))
+                .filter(|kv| kv[0].starts_with("--kafka") || kv[0].starts_with("--db"))
                 .flatten()
                 .cloned(),
         );

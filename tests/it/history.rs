@@ -63,6 +63,7 @@ fn history(id: Uuid) -> Vec<Envelope<ProductEvent>> {
         }),
         ProductEvent::ImagesProcessed(ImagesProcessed {
             request_sequence: 2,
+            request_event_id: None,
             images: vec![outcome(0, true), outcome(1, false)],
         }),
         ProductEvent::ImagesRequested(ImagesRequested {
@@ -70,6 +71,7 @@ fn history(id: Uuid) -> Vec<Envelope<ProductEvent>> {
         }),
         ProductEvent::ImagesProcessed(ImagesProcessed {
             request_sequence: 4,
+            request_event_id: None,
             images: vec![outcome(1, true)],
         }),
     ];

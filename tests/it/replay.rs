@@ -55,6 +55,7 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
         if n % 4 != 3 {
             events.push(ProductEvent::ImagesProcessed(ImagesProcessed {
                 request_sequence: 2,
+                request_event_id: None,
                 images: vec![outcome(0, true), outcome(1, n % 5 != 0)],
             }));
             if n % 5 == 0 {
@@ -63,6 +64,7 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
                 }));
                 events.push(ProductEvent::ImagesProcessed(ImagesProcessed {
                     request_sequence: 4,
+                    request_event_id: None,
                     images: vec![outcome(1, true)],
                 }));
             }

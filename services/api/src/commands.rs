@@ -1,19 +1,24 @@
-//! The command log: idempotency keys and the transactional outbox in one table (`api_commands`).
+//! Commands: decided against the stream's head, recorded with their events in one transaction, then
+//! published in order.
 //!
-//! A command (create user, create product) is recorded with the exact events it appends and the
-//! response it answers *before* anything is sent to Kafka. Then the events are produced in order, each
-//! awaited before the next, and the row is marked published. So:
-//! - a client retry with the same `Idempotency-Key` and body gets the stored response and appends
-//!   nothing (or, if the first attempt died half-way, re-sends the same events, with the same ids);
-//! - if the process dies between two appends, the relay (in every API process) finds the row still
-//!   unpublished after a grace period and re-sends its events. Consumers ignore what they already
-//!   applied, so a re-sent event changes nothing.
+//! A command (create user, create / edit / delete product) runs [`execute`]:
+//! 1. one PostgreSQL transaction locks the stream's head (`platform::event_store::lock_head`), lets the
+//!    route decide the events from the current state and the version the client expects, records the
+//!    command (`api_commands`: idempotency key, request fingerprint, the response) and appends the
+//!    events (`event_store`), moving the head from the version it read. So the order of every stream's
+//!    events is decided here, once, whoever writes (the image worker and re-drives append the same way);
+//! 2. after the commit the stream's unpublished events are produced in sequence order, each
+//!    acknowledged before the next (`platform::event_store::publish_stream`).
+//!
+//! - A client retry with the same `Idempotency-Key` and body gets the stored response and appends
+//!   nothing (publishing first what the first attempt may have left unpublished).
+//! - If the process dies between the commit and the acknowledgements, the relay (in every API process)
+//!   publishes the stream once its events are older than a grace period. Consumers ignore what they
+//!   already applied, so an event produced twice changes nothing.
 
 use std::time::Duration;
 
-use axum::Json;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -24,71 +29,63 @@ use crate::config::Fault;
 use crate::domain::FieldError;
 use crate::error::ApiError;
 use crate::state::{AppState, EVENT_SOURCE};
+use platform::event_store::{self, NewEvent, StoreError};
 
-/// A command ready to be recorded and published.
+/// A command ready to be decided and recorded.
 pub(crate) struct Command {
-    /// Id of the aggregate the command creates; also the row's id.
+    /// Id of the command's row: the aggregate id for a creation, a fresh id otherwise.
     pub(crate) id: Uuid,
+    /// The stream the command appends to.
+    pub(crate) aggregate_id: Uuid,
     /// `METHOD /path` the command came through; scopes idempotency keys.
     pub(crate) route: &'static str,
     /// The client's `Idempotency-Key`, if any.
     pub(crate) idempotency_key: Option<String>,
     /// Fingerprint of the request, to tell a retry from a different request under the same key.
     pub(crate) request_hash: Vec<u8>,
-    /// The JSON envelopes to append, in order.
-    pub(crate) events: Vec<String>,
-    /// The body to answer, now and on every retry.
-    pub(crate) response: Value,
     /// A lower-cased e-mail this command claims (user registration).
     pub(crate) email_claim: Option<String>,
 }
 
+/// What a route decided, given the stream's head.
+pub(crate) struct Decision {
+    /// The version the events follow (0: the stream is created).
+    pub(crate) expected: u64,
+    /// The events to append, in order (none: the command changes nothing).
+    pub(crate) events: Vec<events::WireEnvelope>,
+    /// The stream's state after them (the new head).
+    pub(crate) head: Value,
+    /// The body to answer, now and on every retry.
+    pub(crate) response: Value,
+}
+
 /// What happened to a command.
-pub(crate) enum Outcome {
-    /// Recorded and published now.
-    Created(Value),
-    /// A retry of an earlier command: its stored response.
-    Replayed(Value),
+pub(crate) struct Outcome {
+    /// The stored response body.
+    pub(crate) body: Value,
+    /// Whether this is the answer to an earlier attempt (`idempotent-replayed: true`).
+    pub(crate) replayed: bool,
 }
 
-impl Outcome {
-    /// `201 Created` with the body and `Location: {collection}/{id}`; a replay is marked with
-    /// `idempotent-replayed: true`.
-    pub(crate) fn respond(self, collection: &str) -> Response {
-        let (body, replayed) = match self {
-            Outcome::Created(body) => (body, false),
-            Outcome::Replayed(body) => (body, true),
-        };
-        let location = format!("{collection}/{}", body["id"].as_str().unwrap_or_default());
-        let mut response = (
-            StatusCode::CREATED,
-            [(header::LOCATION, location)],
-            Json(body),
-        )
-            .into_response();
-        if replayed {
-            response.headers_mut().insert(
-                "idempotent-replayed",
-                header::HeaderValue::from_static("true"),
-            );
-        }
-        response
-    }
-}
-
-/// The fingerprint of a request: route plus body with keys sorted and whitespace dropped.
-pub(crate) fn request_hash(route: &str, body: &[u8]) -> Vec<u8> {
+/// The fingerprint of a request: route, the path's id, plus body with keys sorted and whitespace
+/// dropped.
+pub(crate) fn request_hash(route: &str, id: Option<Uuid>, body: &[u8]) -> Vec<u8> {
     let canonical = serde_json::from_slice::<Value>(body)
         .map(|v| v.to_string())
         .unwrap_or_default();
     let mut hasher = Sha256::new();
     hasher.update(route.as_bytes());
     hasher.update(b"\n");
+    if let Some(id) = id {
+        hasher.update(id.as_bytes());
+    }
+    hasher.update(b"\n");
     hasher.update(canonical.as_bytes());
     hasher.finalize().to_vec()
 }
 
-/// If `key` was used before on `route`, the outcome of that command (after finishing its publication).
+/// If `key` was used before on `route`, the outcome of that command (after publishing what its
+/// stream still has unpublished).
 pub(crate) async fn replay_if_known(
     state: &AppState,
     route: &str,
@@ -98,31 +95,40 @@ pub(crate) async fn replay_if_known(
     let client = state.pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT id, request_hash, events, response, published_at IS NOT NULL
-               FROM api_commands WHERE route = $1 AND idempotency_key = $2",
+            "SELECT request_hash, response, aggregate_id FROM api_commands
+              WHERE route = $1 AND idempotency_key = $2",
             &[&route, &key],
         )
         .await?;
     drop(client);
     let Some(row) = row else { return Ok(None) };
-    let stored_hash: Vec<u8> = row.get(1);
+    let stored_hash: Vec<u8> = row.get(0);
     if stored_hash != request_hash {
         return Err(ApiError::IdempotencyKeyReused);
     }
-    if !row.get::<_, bool>(4) {
-        tracing::info!(command.id = %row.get::<_, Uuid>(0), "finishing a command whose first attempt did not complete");
-        publish(state, row.get(0), &row.get::<_, Vec<String>>(2), None).await?;
+    if let Some(aggregate_id) = row.get::<_, Option<Uuid>>(2) {
+        publish(state, aggregate_id).await?;
     }
-    Ok(Some(Outcome::Replayed(row.get(3))))
+    Ok(Some(Outcome {
+        body: row.get(1),
+        replayed: true,
+    }))
 }
 
-/// Records the command, then publishes its events; see the module docs.
-pub(crate) async fn execute(state: &AppState, command: Command) -> Result<Outcome, ApiError> {
+/// Decides, records and publishes `command`; see the module docs. `decide` gets the stream's head
+/// (version and state JSON; `None` if the stream does not exist) while it is locked.
+pub(crate) async fn execute(
+    state: &AppState,
+    command: Command,
+    decide: impl FnOnce(Option<(u64, Value)>) -> Result<Decision, ApiError>,
+) -> Result<Outcome, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    let head = event_store::lock_head::<Value>(&*tx, command.aggregate_id).await?;
+    let decision = decide(head)?;
     let inserted = tx
         .execute(
-            "INSERT INTO api_commands (id, route, idempotency_key, request_hash, events, response)
+            "INSERT INTO api_commands (id, route, idempotency_key, request_hash, response, aggregate_id)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (route, idempotency_key) DO NOTHING",
             &[
@@ -130,8 +136,8 @@ pub(crate) async fn execute(state: &AppState, command: Command) -> Result<Outcom
                 &command.route,
                 &command.idempotency_key,
                 &command.request_hash,
-                &command.events,
-                &command.response,
+                &decision.response,
+                &command.aggregate_id,
             ],
         )
         .await?;
@@ -149,7 +155,7 @@ pub(crate) async fn execute(state: &AppState, command: Command) -> Result<Outcom
             .execute(
                 "INSERT INTO api_user_emails (email_lower, user_id) VALUES ($1, $2)
                  ON CONFLICT DO NOTHING",
-                &[email, &command.id],
+                &[email, &command.aggregate_id],
             )
             .await?;
         if claimed == 0 {
@@ -159,6 +165,16 @@ pub(crate) async fn execute(state: &AppState, command: Command) -> Result<Outcom
             )));
         }
     }
+    let new_events: Vec<NewEvent> = decision.events.into_iter().map(NewEvent::new).collect();
+    event_store::append(
+        &*tx,
+        command.aggregate_id,
+        decision.expected,
+        &new_events,
+        &decision.head,
+        EVENT_SOURCE,
+    )
+    .await?;
     tx.commit().await.map_err(|e| {
         if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
             ApiError::Conflict(FieldError::new("id", "already exists"))
@@ -167,58 +183,39 @@ pub(crate) async fn execute(state: &AppState, command: Command) -> Result<Outcom
         }
     })?;
     drop(client);
-    publish(state, command.id, &command.events, state.fault).await?;
-    Ok(Outcome::Created(command.response))
+    if state.fault == Some(Fault::DieBeforePublish) && !new_events.is_empty() {
+        return Err(ApiError::Internal(
+            "injected fault: died after the commit, before publishing".into(),
+        ));
+    }
+    if !new_events.is_empty() {
+        publish(state, command.aggregate_id).await?;
+    }
+    Ok(Outcome {
+        body: decision.response,
+        replayed: false,
+    })
 }
 
-/// Produces `events` in order, awaiting each acknowledgement before sending the next, then marks the
-/// command published.
-async fn publish(
-    state: &AppState,
-    id: Uuid,
-    events: &[String],
-    fault: Option<Fault>,
-) -> Result<(), ApiError> {
-    for (i, json) in events.iter().enumerate() {
-        send(state, json).await?;
-        if i == 0 && events.len() > 1 && fault == Some(Fault::DieAfterFirstAppend) {
-            return Err(ApiError::Internal(
-                "injected fault: died after the first append".into(),
-            ));
+/// Publishes every unpublished event of the stream, in order.
+async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
+    event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id).await?;
+    Ok(())
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // The head is locked while a command decides, so only a racing creation can get here.
+            StoreError::VersionMismatch { .. } | StoreError::AlreadyAnswered(_) => {
+                ApiError::Conflict(FieldError::new("id", "already exists"))
+            }
+            StoreError::Pool(e) => e.into(),
+            StoreError::Postgres(e) => e.into(),
+            StoreError::Kafka(e) => e.into(),
+            StoreError::Corrupt(detail) => ApiError::Internal(detail),
         }
     }
-    let client = state.pool.get().await?;
-    client
-        .execute(
-            "UPDATE api_commands SET published_at = now() WHERE id = $1 AND published_at IS NULL",
-            &[&id],
-        )
-        .await?;
-    Ok(())
-}
-
-async fn send(state: &AppState, json: &str) -> Result<(), ApiError> {
-    let wire: events::WireEnvelope = serde_json::from_str(json)
-        .map_err(|e| ApiError::Internal(format!("stored event is not an envelope: {e}")))?;
-    let key = wire.aggregate_id.to_string();
-    let (partition, offset) = state
-        .producer
-        .send(
-            state.topics.for_aggregate(wire.aggregate_type),
-            &key,
-            json.as_bytes(),
-            platform::kafka::headers(&wire, EVENT_SOURCE),
-            Duration::from_secs(10),
-        )
-        .await?;
-    tracing::debug!(
-        event.id = %wire.event_id,
-        event.r#type = %wire.event_type,
-        kafka.partition = partition,
-        kafka.offset = offset,
-        "event appended"
-    );
-    Ok(())
 }
 
 /// Settings of the outbox relay.
@@ -226,13 +223,13 @@ async fn send(state: &AppState, json: &str) -> Result<(), ApiError> {
 pub struct RelaySettings {
     /// Time between sweeps.
     pub interval: Duration,
-    /// Minimum age of an unpublished command before it is re-sent.
+    /// Minimum age of an unpublished event before the relay publishes its stream.
     pub grace: Duration,
-    /// How long published commands (and so idempotency keys) are kept.
+    /// How long commands (and so idempotency keys) and published events are kept in PostgreSQL.
     pub retention: Duration,
 }
 
-/// Re-sends the events of commands left unpublished, until `shutdown` turns true.
+/// Publishes streams left with unpublished events, until `shutdown` turns true.
 pub async fn relay(state: AppState, settings: RelaySettings, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -241,53 +238,55 @@ pub async fn relay(state: AppState, settings: RelaySettings, mut shutdown: watch
         }
         match relay_once(&state, settings.grace).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(commands = n, "outbox relay re-sent unpublished commands"),
+            Ok(n) => tracing::info!(events = n, "outbox relay published pending events"),
             Err(error) => tracing::warn!(%error, "outbox relay sweep failed; will retry"),
         }
         if let Err(error) = expire(&state, settings.retention).await {
-            tracing::warn!(%error, "cannot expire old idempotency keys");
+            tracing::warn!(%error, "cannot expire old commands");
         }
     }
 }
 
-/// One sweep: re-sends up to 100 stale unpublished commands, each locked so that several API processes
-/// never work on the same one. Returns how many it finished.
+/// One sweep: publishes up to 100 streams whose events waited longer than `grace`. Returns how many
+/// events it published.
 pub async fn relay_once(state: &AppState, grace: Duration) -> Result<usize, ApiError> {
-    let mut client = state.pool.get().await?;
-    let tx = client.transaction().await?;
-    let rows = tx
-        .query(
-            "SELECT id, events FROM api_commands
-              WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
-              ORDER BY created_at LIMIT 100
-              FOR UPDATE SKIP LOCKED",
-            &[&grace.as_secs_f64()],
-        )
-        .await?;
-    for row in &rows {
-        let id: Uuid = row.get(0);
-        for json in row.get::<_, Vec<String>>(1) {
-            send(state, &json).await?;
-        }
-        tx.execute(
-            "UPDATE api_commands SET published_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-        tracing::info!(command.id = %id, "outbox relay published a command");
-    }
-    tx.commit().await?;
-    Ok(rows.len())
+    Ok(event_store::relay_once(&state.pool, &state.producer, &state.topics, grace, 100).await?)
 }
 
 async fn expire(state: &AppState, retention: Duration) -> Result<(), ApiError> {
     let client = state.pool.get().await?;
     client
         .execute(
-            "DELETE FROM api_commands
-              WHERE published_at < now() - make_interval(secs => $1)",
+            "DELETE FROM api_commands WHERE created_at < now() - make_interval(secs => $1)",
             &[&retention.as_secs_f64()],
         )
         .await?;
     Ok(())
+}
+
+/// `201 Created` (or the given status) for an outcome, marked `idempotent-replayed: true` on a replay.
+pub(crate) fn replayed_header(response: &mut axum::response::Response, outcome: &Outcome) {
+    if outcome.replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+}
+
+/// `201 Created` with the body and `Location: {collection}/{id}`.
+pub(crate) fn created(outcome: Outcome, collection: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let location = format!(
+        "{collection}/{}",
+        outcome.body["id"].as_str().unwrap_or_default()
+    );
+    let mut response = (
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        axum::Json(outcome.body.clone()),
+    )
+        .into_response();
+    replayed_header(&mut response, &outcome);
+    response
 }

@@ -64,9 +64,9 @@ pub struct Config {
 /// A failure a test can inject to prove recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// After the first event of a command is acknowledged, behave as if the process died: send nothing
-    /// more and leave the command unpublished (the relay of a later process must finish it).
-    DieAfterFirstAppend,
+    /// After a command's events are committed to the event store, behave as if the process died before
+    /// producing any of them (the relay of a later process must publish them).
+    DieBeforePublish,
 }
 
 impl Config {

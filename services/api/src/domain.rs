@@ -289,6 +289,97 @@ fn images(fields: &RawFields, errors: &mut Vec<FieldError>) -> Option<Vec<String
     (errors.len() == before).then_some(urls)
 }
 
+/// A validated `PATCH /products/{id}` body: a JSON merge patch (RFC 7396) of the editable fields. A
+/// field that is absent stays as it is; `null` removes what can be removed (description → empty,
+/// images → none) and is refused for what cannot (name, price).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProductPatch {
+    /// New name.
+    pub product_name: Option<String>,
+    /// New description.
+    pub product_description: Option<String>,
+    /// New price.
+    pub product_price: Option<Price>,
+    /// New image list (normalised, no duplicates).
+    pub product_images: Option<Vec<String>>,
+}
+
+/// Fields a patch may change.
+const PATCHABLE: [&str; 4] = [
+    "product_name",
+    "product_description",
+    "product_price",
+    "product_images",
+];
+
+impl ProductPatch {
+    /// Validates every field with the rules of `POST /products`, returning all problems at once.
+    pub fn parse(fields: &RawFields) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut unknown: Vec<&String> = fields
+            .keys()
+            .filter(|k| !PATCHABLE.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        for name in unknown {
+            let message = if name == "user_id" {
+                "cannot be changed"
+            } else {
+                "is not a field of a product that can be changed"
+            };
+            errors.push(FieldError::new(name.as_str(), message));
+        }
+        let is_null = |name: &str| fields.get(name).is_some_and(|raw| raw.get() == "null");
+        let refuse_null = |name: &str, errors: &mut Vec<FieldError>| {
+            if is_null(name) {
+                errors.push(FieldError::new(name, "cannot be removed"));
+            }
+        };
+        refuse_null("product_name", &mut errors);
+        refuse_null("product_price", &mut errors);
+        let product_name = text(
+            fields,
+            "product_name",
+            false,
+            1,
+            MAX_NAME_CHARS,
+            &mut errors,
+        );
+        let product_description = if is_null("product_description") {
+            Some(String::new())
+        } else {
+            text(
+                fields,
+                "product_description",
+                false,
+                0,
+                MAX_DESCRIPTION_CHARS,
+                &mut errors,
+            )
+        };
+        let product_price = take(fields, "product_price").and_then(|raw| {
+            Price::from_json(raw)
+                .map_err(|m| errors.push(FieldError::new("product_price", m)))
+                .ok()
+        });
+        let product_images = if fields.contains_key("product_images") {
+            images(fields, &mut errors)
+        } else {
+            None
+        };
+        if errors.is_empty() {
+            Ok(Self {
+                product_name,
+                product_description,
+                product_price,
+                product_images,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
 /// A validated `POST /users` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewUser {

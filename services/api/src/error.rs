@@ -40,6 +40,18 @@ pub enum ApiError {
     /// 422: an `Idempotency-Key` was reused with a different request.
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
+    /// 412: `If-Match` names a version that is not the product's current one.
+    #[error("the product is at version {current}, not the version in If-Match")]
+    VersionMismatch {
+        /// The current version.
+        current: u64,
+    },
+    /// 410: the product was deleted.
+    #[error("the product was deleted")]
+    Gone {
+        /// When it was deleted.
+        deleted_at: chrono::DateTime<chrono::Utc>,
+    },
     /// 503: the projection has not reached the version asked for (`min_version`) in time.
     #[error("version {wanted} is not projected yet (current version {current}); retry shortly")]
     ProjectionBehind {
@@ -91,6 +103,12 @@ pub struct ErrorBody {
     /// The bad fields, for 409 and 422.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// The product's current version (412 `version_mismatch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+    /// When the product was deleted (410 `gone`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The request id (also in the `x-request-id` response header).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -107,6 +125,10 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::VersionMismatch { .. } => {
+                (StatusCode::PRECONDITION_FAILED, "version_mismatch")
+            }
+            ApiError::Gone { .. } => (StatusCode::GONE, "gone"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::IdempotencyKeyReused => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
@@ -124,6 +146,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let request_id = REQUEST_ID.try_with(Clone::clone).ok();
+        let current_version = match &self {
+            ApiError::VersionMismatch { current } => Some(*current),
+            _ => None,
+        };
+        let deleted_at = match &self {
+            ApiError::Gone { deleted_at } => Some(*deleted_at),
+            _ => None,
+        };
         let (message, errors) = match self {
             ApiError::Validation(errors) => (
                 format!(
@@ -157,9 +187,18 @@ impl IntoResponse for ApiError {
             code,
             message,
             errors,
+            current_version,
+            deleted_at,
             request_id,
         };
         let mut response = (status, Json(body)).into_response();
+        if let Some(current) = current_version {
+            if let Ok(etag) = axum::http::HeaderValue::from_str(&format!("\"{current}\"")) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::ETAG, etag);
+            }
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

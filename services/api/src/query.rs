@@ -21,12 +21,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub(crate) struct Projected<T> {
     /// The row, if it is projected.
     pub(crate) value: Option<T>,
-    /// The version the command log accepted for the id (0 if this API accepted none).
+    /// The version the event store accepted for the id (0 if it holds no such stream).
     pub(crate) accepted: u64,
 }
 
-/// Reads `columns` of `table` (whose first column is `id`) for `id`, and the version the command log
-/// accepted for it, in one statement. `sending` runs just before the statement goes out (the single
+/// Reads `columns` of `table` (whose first column is `id`) for `id`, and the version the event store
+/// accepted for it (its stream head), in one statement. `sending` runs just before the statement goes out (the single
 /// flight records when its snapshot can have been taken).
 pub(crate) async fn projected<T>(
     pool: &Pool,
@@ -39,7 +39,7 @@ pub(crate) async fn projected<T>(
     let client = pool.get().await?;
     let sql = format!(
         "SELECT {columns},
-                (SELECT (c.response->>'version')::bigint FROM api_commands c WHERE c.id = $1)
+                (SELECT h.version FROM stream_heads h WHERE h.aggregate_id = $1)
            FROM (SELECT $1::uuid AS wanted) w LEFT JOIN {table} ON {table}.id = w.wanted"
     );
     let statement = client.prepare_cached(&sql).await?;

@@ -48,7 +48,18 @@ impl LocalTier {
         (at.elapsed() < self.ttl && r.version >= min_version).then(|| r.clone())
     }
 
+    /// Drops the entry of `id` (after this process acknowledged a change to it).
+    pub fn forget(&self, id: Uuid) {
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
     fn put(&self, id: Uuid, r: &Representation) {
+        if r.deleted_at.is_some() {
+            return;
+        }
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= self.max_entries {
             entries.clear();
@@ -92,6 +103,8 @@ pub struct Representation {
     pub version: u64,
     /// The JSON body.
     pub json: Bytes,
+    /// When the product was deleted (never cached, so `None` for every cache hit).
+    pub deleted_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 type LoadResult = Result<Projected<Representation>, String>;
@@ -211,7 +224,11 @@ pub async fn product(
     if let Some(cache) = &state.cache {
         match cache.get(id).await {
             Ok(Some((version, json))) if version >= min_version => {
-                let r = Representation { version, json };
+                let r = Representation {
+                    version,
+                    json,
+                    deleted_at: None,
+                };
                 if let Some(local) = &state.local {
                     local.put(id, &r);
                 }
@@ -304,8 +321,9 @@ async fn load(
     let representation = Representation {
         version: product.version,
         json: Bytes::from(serde_json::to_vec(&product).expect("product serialises")),
+        deleted_at: product.deleted_at,
     };
-    if let Some(cache) = &state.cache {
+    if let (Some(cache), None) = (&state.cache, product.deleted_at) {
         if let Err(error) = cache
             .fill(id, representation.version, &representation.json)
             .await
@@ -330,6 +348,7 @@ mod tests {
             value: Some(Representation {
                 version,
                 json: Bytes::from_static(b"{}"),
+                deleted_at: None,
             }),
             accepted: 0,
         })

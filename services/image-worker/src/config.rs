@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use platform::config::{KafkaConfig, LogConfig};
+use platform::config::{DbConfig, KafkaConfig, LogConfig};
 
 use crate::fetch::Cidr;
 use crate::storage::StoreConfig;
@@ -56,6 +56,10 @@ pub struct Config {
     /// Kafka settings.
     #[command(flatten)]
     pub kafka: KafkaConfig,
+    /// PostgreSQL settings: the event store that results are appended through (the one authority
+    /// over each product stream's sequence).
+    #[command(flatten)]
+    pub db: DbConfig,
     /// Image store settings.
     #[command(flatten)]
     pub store: StoreConfig,

@@ -14,7 +14,6 @@ use platform::config::KafkaConfig;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
-use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use crate::config::PipelineTopics;
@@ -68,6 +67,9 @@ pub enum DlqError {
     /// No connection could be had.
     #[error("postgres pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The event store refused or failed an append.
+    #[error("event store: {0}")]
+    Store(#[from] platform::event_store::StoreError),
 }
 
 /// Reads every entry of the dead-letter topic (stops once nothing arrives for `idle`).
@@ -134,78 +136,73 @@ pub struct RedriveReport {
     pub skipped: usize,
 }
 
-/// Re-drives `records`: one new `ImagesRequested` per product for its still-failed images.
+/// Re-drives `records`: one new `ImagesRequested` per product for its images that are still failed,
+/// appended through the event store like every other write (the product's head is locked and its
+/// current state decides), so two re-drives at once, or a re-drive while a job is still climbing the
+/// retry ladder, can never take the same sequence: the second finds the images pending and appends
+/// nothing.
 pub async fn redrive(
     kafka: &KafkaConfig,
     pool: &deadpool_postgres::Pool,
     records: &[DeadLetterRecord],
 ) -> Result<RedriveReport, DlqError> {
+    use platform::event_store::{self, NewEvent};
     let producer = platform::kafka::EventProducer::new(kafka, "catalogctl")?;
-    let topic = kafka.topics().products;
-    let mut by_product: BTreeMap<Uuid, BTreeMap<u32, ImageRef>> = BTreeMap::new();
+    let topics = kafka.topics();
+    let mut by_product: BTreeMap<Uuid, BTreeMap<String, ImageRef>> = BTreeMap::new();
     for r in records {
         by_product
             .entry(r.letter.product_id)
             .or_default()
-            .insert(r.letter.image.position, r.letter.image.clone());
+            .insert(r.letter.image.url.clone(), r.letter.image.clone());
     }
     let mut report = RedriveReport::default();
     for (product_id, images) in by_product {
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&product_id.to_string()],
-        )
-        .await?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT version, images FROM products WHERE id = $1",
-                &[&product_id],
-            )
-            .await?
-        else {
+        let head = event_store::lock_head::<events::ProductState>(&*tx, product_id).await?;
+        let Some((version, mut product)) = head.filter(|(_, p)| p.deleted_at.is_none()) else {
             report.skipped += images.len();
             continue;
         };
-        let version: i64 = row.get(0);
-        let Json(statuses): Json<Vec<events::ImageStatus>> = row.get(1);
-        let todo: Vec<ImageRef> = images
-            .into_values()
-            .filter(|i| {
-                let failed = statuses
-                    .iter()
-                    .any(|s| s.position == i.position && s.status == ImageStatusKind::Failed);
-                if !failed {
-                    report.skipped += 1;
-                }
-                failed
+        // Still failed, by URL (an edit may have moved the image since it failed).
+        let todo: Vec<ImageRef> = product
+            .images
+            .iter()
+            .filter(|s| s.status == ImageStatusKind::Failed && images.contains_key(&s.url))
+            .map(|s| ImageRef {
+                position: s.position,
+                url: s.url.clone(),
             })
             .collect();
+        report.skipped += images.len().saturating_sub(todo.len());
         if todo.is_empty() {
             continue;
         }
         let count = todo.len();
         let envelope = Envelope::new(
             product_id,
-            u64::try_from(version).unwrap_or(0) + 1,
+            version + 1,
             Utc::now(),
             Some(format!("redrive-{}", Uuid::new_v4())),
             ProductEvent::ImagesRequested(ImagesRequested { images: todo }),
         );
-        let wire = envelope.to_wire();
-        let key = product_id.to_string();
-        producer
-            .send(
-                &topic,
-                &key,
-                &envelope.to_json(),
-                platform::kafka::headers(&wire, REDRIVE_SOURCE),
-                Duration::from_secs(10),
-            )
-            .await?;
+        product
+            .apply(&envelope)
+            .map_err(|e| DlqError::Store(event_store::StoreError::Corrupt(e.to_string())))?;
+        event_store::append(
+            &*tx,
+            product_id,
+            version,
+            &[NewEvent::new(envelope.to_wire())],
+            &product,
+            REDRIVE_SOURCE,
+        )
+        .await?;
         tx.commit().await?;
-        tracing::info!(product.id = %product_id, event.sequence = wire.sequence, images = count, "re-driven");
+        drop(client);
+        event_store::publish_stream(pool, &producer, &topics, product_id).await?;
+        tracing::info!(product.id = %product_id, event.sequence = version + 1, images = count, "re-driven");
         report.products += 1;
         report.images += count;
     }

@@ -46,7 +46,8 @@ impl Failure {
 pub struct Job {
     /// The product.
     pub product_id: Uuid,
-    /// Sequence of the `ImagesRequested`; the result goes at `request_sequence + 1`.
+    /// Sequence of the `ImagesRequested` (its event id follows from it); the result is appended at the
+    /// product stream's next free sequence when the job ends.
     pub request_sequence: u64,
     /// Correlation id to carry on to the result (the request's event id).
     pub correlation_id: String,

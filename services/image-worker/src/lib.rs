@@ -99,6 +99,8 @@ pub async fn run(
             ..DecodeLimits::default()
         },
         cpu: Arc::new(Semaphore::new(cpu_workers)),
+        pool: platform::db::pool(&config.db).map_err(|e| StartupError::Config(e.to_string()))?,
+        event_topics: Arc::new(config.kafka.topics()),
     };
     let jobs = worker::Subscription {
         kafka: config.kafka.clone(),

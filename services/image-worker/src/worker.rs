@@ -70,6 +70,10 @@ pub struct Context {
     pub limits: DecodeLimits,
     /// Bounds the CPU-bound work running at once.
     pub cpu: Arc<Semaphore>,
+    /// The event store results are appended through.
+    pub pool: deadpool_postgres::Pool,
+    /// Event topic names (results are published to the products topic from the store).
+    pub event_topics: Arc<platform::config::Topics>,
 }
 
 /// Where a job's first message was.
@@ -86,6 +90,9 @@ pub enum JobError {
     /// Producing an output failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// Appending the result to the event store (or publishing it) failed.
+    #[error("event store: {0}")]
+    Store(#[from] platform::event_store::StoreError),
 }
 
 /// Processes one image: fetch, then (unless every variant is already stored) decode and encode, then
@@ -311,33 +318,75 @@ fn failure_headers(origin: &Origin, job: &Job, class: &str, message: &str) -> Ow
     })
 }
 
-/// Appends the job's `ImagesProcessed` at `request_sequence + 1`.
+/// Appends the job's `ImagesProcessed` through the event store, at the product stream's next free
+/// sequence, then publishes the stream. A job that already answered its request (run twice after a
+/// crash) appends nothing and only makes sure the answer is published; a job for a product deleted
+/// meanwhile appends nothing (a deletion ends the stream).
 async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
+    use platform::event_store::{self, NewEvent, StoreError};
     let mut images = job.done.clone();
     images.sort_by_key(|i| i.position);
+    let request_event_id = events::event_id_for(job.product_id, job.request_sequence);
+    let mut client = ctx
+        .pool
+        .get()
+        .await
+        .map_err(|e| JobError::Store(e.into()))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| JobError::Store(e.into()))?;
+    let Some((version, mut product)) =
+        event_store::lock_head::<events::ProductState>(&*tx, job.product_id).await?
+    else {
+        tracing::error!(product.id = %job.product_id, "no stream head for the product; result dropped");
+        return Ok(());
+    };
+    if product.deleted_at.is_some() {
+        tracing::info!(product.id = %job.product_id, "product deleted meanwhile; result dropped");
+        return Ok(());
+    }
     let envelope = Envelope::new(
         job.product_id,
-        job.request_sequence + 1,
+        version + 1,
         Utc::now(),
         Some(job.correlation_id.clone()),
         ProductEvent::ImagesProcessed(ImagesProcessed {
             request_sequence: job.request_sequence,
+            request_event_id: Some(request_event_id),
             images,
         }),
     );
-    let wire = envelope.to_wire();
-    let payload = envelope.to_json();
-    let key = job.product_id.to_string();
-    ctx.producer
-        .send(
-            &ctx.topics.products,
-            &key,
-            &payload,
-            platform::kafka::headers(&wire, EVENT_SOURCE),
-            Duration::from_secs(10),
-        )
+    if let Err(error) = product.apply(&envelope) {
+        return Err(StoreError::Corrupt(error.to_string()).into());
+    }
+    let event = NewEvent {
+        wire: envelope.to_wire(),
+        causation_id: Some(request_event_id),
+    };
+    match event_store::append(
+        &*tx,
+        job.product_id,
+        version,
+        &[event],
+        &product,
+        EVENT_SOURCE,
+    )
+    .await
+    {
+        Ok(_) => {
+            tx.commit().await.map_err(|e| JobError::Store(e.into()))?;
+            tracing::info!(event.sequence = version + 1, "ImagesProcessed appended");
+        }
+        Err(StoreError::AlreadyAnswered(_)) => {
+            drop(tx);
+            tracing::info!("this request was already answered; publishing what is pending");
+        }
+        Err(error) => return Err(error.into()),
+    }
+    drop(client);
+    event_store::publish_stream(&ctx.pool, &ctx.producer, &ctx.event_topics, job.product_id)
         .await?;
-    tracing::info!(event.sequence = wire.sequence, "ImagesProcessed appended");
     Ok(())
 }
 

@@ -35,6 +35,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_product_currency.sql",
         sql: include_str!("../../../sql/0004_product_currency.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_event_store.sql",
+        sql: include_str!("../../../sql/0005_event_store.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

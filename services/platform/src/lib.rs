@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod event_store;
 pub mod kafka;
 pub mod read_model;
 pub mod shutdown;

@@ -8,7 +8,7 @@ use tokio_postgres::types::Json;
 /// Columns of `products`, in the order [`product_from_row`] reads them.
 pub const PRODUCT_COLUMNS: &str = "id, user_id, product_name, product_description, product_price, \
      product_images, images, compressed_product_images, version, created_at, updated_at, \
-     product_currency";
+     product_currency, deleted_at";
 
 /// Columns of `users`, in the order [`user_from_row`] reads them.
 pub const USER_COLUMNS: &str = "id, name, email, version, created_at, updated_at";
@@ -30,6 +30,7 @@ pub fn product_from_row(row: &Row) -> ProductState {
         created_at: row.get(9),
         updated_at: row.get(10),
         product_currency: row.get(11),
+        deleted_at: row.get(12),
     }
 }
 
@@ -55,8 +56,8 @@ pub async fn upsert_product(
         .execute(
             "INSERT INTO products (id, user_id, product_name, product_description, product_price,
                                    product_images, images, compressed_product_images, version,
-                                   created_at, updated_at, product_currency)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                   created_at, updated_at, product_currency, deleted_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (id) DO UPDATE SET
                 user_id = EXCLUDED.user_id,
                 product_name = EXCLUDED.product_name,
@@ -68,7 +69,8 @@ pub async fn upsert_product(
                 version = EXCLUDED.version,
                 created_at = EXCLUDED.created_at,
                 updated_at = EXCLUDED.updated_at,
-                product_currency = EXCLUDED.product_currency
+                product_currency = EXCLUDED.product_currency,
+                deleted_at = EXCLUDED.deleted_at
              WHERE products.version < EXCLUDED.version",
             &[
                 &product.id,
@@ -83,6 +85,7 @@ pub async fn upsert_product(
                 &product.created_at,
                 &product.updated_at,
                 &product.product_currency,
+                &product.deleted_at,
             ],
         )
         .await?;

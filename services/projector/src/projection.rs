@@ -129,7 +129,7 @@ impl<S: Fold> Stream<S> {
                 }
                 Step::Parked
             }
-            Err(e @ ApplyError::NotFirst(_)) => Step::Rejected(e),
+            Err(e @ (ApplyError::NotFirst(_) | ApplyError::AfterDeletion(_))) => Step::Rejected(e),
         }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! It shows the safe way to consume: its own consumer group, `earliest` start (the topics keep
 //! everything), effects idempotent per event (a product is counted once however often its
-//! `ProductCreated` is delivered, because the count changes only when the product's row is new), the
+//! `ProductCreated` is delivered, because the count changes only when the product's row is new, and
+//! goes down once per `ProductDeleted` the same way), the
 //! Kafka offset committed only after the database transaction, unknown event types ignored.
 
 use std::future::Future;
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS user_stats_products (
     product_id uuid PRIMARY KEY,
     user_id    uuid NOT NULL
 );
+ALTER TABLE user_stats_products ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;
 CREATE TABLE IF NOT EXISTS user_product_counts (
     user_id  uuid PRIMARY KEY,
     products bigint NOT NULL
@@ -108,8 +110,8 @@ async fn consume(
                 }
             },
         };
-        // Only ProductCreated matters here; read the header before parsing anything.
-        let is_created = message
+        // Only ProductCreated and ProductDeleted matter here; read the header before parsing anything.
+        let is_counted = message
             .headers()
             .and_then(|h| {
                 use rdkafka::message::Headers;
@@ -117,10 +119,31 @@ async fn consume(
                     .find(|h| h.key == events::header_names::TYPE)
                     .and_then(|h| h.value)
             })
-            .is_none_or(|t| t == b"ProductCreated");
-        if is_created {
+            .is_none_or(|t| t == b"ProductCreated" || t == b"ProductDeleted");
+        if is_counted {
             if let Some(Ok(AnyEnvelope::Product(e))) = message.payload().map(AnyEnvelope::from_json)
             {
+                if let ProductEvent::Deleted(_) = &e.event {
+                    // Counted down once however often the deletion is delivered: only the first
+                    // delivery finds the product not yet marked deleted.
+                    let mut client = pool.get().await?;
+                    let tx = client.transaction().await?;
+                    let owner = tx
+                        .query_opt(
+                            "UPDATE user_stats_products SET deleted = true
+                              WHERE product_id = $1 AND NOT deleted RETURNING user_id",
+                            &[&e.aggregate_id],
+                        )
+                        .await?;
+                    if let Some(owner) = owner {
+                        tx.execute(
+                            "UPDATE user_product_counts SET products = products - 1 WHERE user_id = $1",
+                            &[&owner.get::<_, uuid::Uuid>(0)],
+                        )
+                        .await?;
+                    }
+                    tx.commit().await?;
+                }
                 if let ProductEvent::Created(created) = &e.event {
                     let mut client = pool.get().await?;
                     let tx = client.transaction().await?;

@@ -16,8 +16,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
-use crate::commands::{self, Command};
-use crate::domain::{FieldError, NewProduct, Price};
+use crate::commands::{self, Command, Decision};
+use crate::domain::{FieldError, NewProduct, Price, ProductPatch};
 use crate::error::ApiError;
 use crate::extract::JsonFields;
 use crate::routes::users::user_exists;
@@ -32,11 +32,14 @@ pub(crate) const MAX_LIMIT: i64 = 250;
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/products", post(create_product).get(list_products))
-        .route("/products/{id}", get(get_product))
+        .route(
+            "/products/{id}",
+            get(get_product).patch(patch_product).delete(delete_product),
+        )
         .route("/products/{id}/events", get(list_events))
 }
 
-/// Creates a product: appends `ProductCreated` then `ImagesRequested` to the product's partition and
+/// Creates a product: appends `ProductCreated` then `ImagesRequested` to the product's stream and
 /// answers 201 with the product as it will read back once both are acknowledged.
 async fn create_product(
     State(state): State<AppState>,
@@ -45,10 +48,10 @@ async fn create_product(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let new = NewProduct::parse(&body.fields).map_err(ApiError::Validation)?;
-    let hash = commands::request_hash(ROUTE, &body.bytes);
+    let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
         if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
-            return Ok(outcome.respond("/products"));
+            return Ok(commands::created(outcome, "/products"));
         }
     }
     if !user_exists(&state, new.user_id).await? {
@@ -61,16 +64,25 @@ async fn create_product(
     let (events, product) = product_events(id, new, Utc::now(), request_id(&headers))?;
     let command = Command {
         id,
+        aggregate_id: id,
         route: ROUTE,
         idempotency_key: key,
         request_hash: hash,
-        events,
-        response: serde_json::to_value(&product).expect("product serialises"),
         email_claim: None,
     };
-    Ok(commands::execute(&state, command)
-        .await?
-        .respond("/products"))
+    let outcome = commands::execute(&state, command, |head| {
+        if head.is_some() {
+            return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
+        }
+        Ok(Decision {
+            expected: 0,
+            events,
+            head: serde_json::to_value(&product).expect("product serialises"),
+            response: serde_json::to_value(&product).expect("product serialises"),
+        })
+    })
+    .await?;
+    Ok(commands::created(outcome, "/products"))
 }
 
 /// The two events of a new product, and the state they fold to.
@@ -79,7 +91,7 @@ fn product_events(
     new: NewProduct,
     now: DateTime<Utc>,
     correlation_id: Option<String>,
-) -> Result<(Vec<String>, ProductState), ApiError> {
+) -> Result<(Vec<events::WireEnvelope>, ProductState), ApiError> {
     let images = new
         .product_images
         .iter()
@@ -113,11 +125,234 @@ fn product_events(
     let product = ProductState::fold([&created, &requested])
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::Internal("empty product stream".into()))?;
-    let events = [created, requested]
-        .iter()
-        .map(|e| String::from_utf8(e.to_json()).expect("JSON is UTF-8"))
-        .collect();
-    Ok((events, product))
+    Ok((vec![created.to_wire(), requested.to_wire()], product))
+}
+
+/// Reads `If-Match: "<version>"` (also `W/"<version>"`; `*` means any version).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "If-Match",
+                "must be an ETag this API returned, e.g. \"3\"",
+            )])
+        })
+}
+
+/// The locked head of a product that a command may change: 404 unknown, 410 deleted, 412 when the
+/// client's `If-Match` is not the current version.
+fn changeable(
+    head: Option<(u64, serde_json::Value)>,
+    expected: Option<u64>,
+) -> Result<(u64, ProductState), ApiError> {
+    let Some((version, state)) = head else {
+        return Err(ApiError::NotFound("product"));
+    };
+    let product: ProductState = serde_json::from_value(state)
+        .map_err(|e| ApiError::Internal(format!("unreadable product head: {e}")))?;
+    if let Some(deleted_at) = product.deleted_at {
+        return Err(ApiError::Gone { deleted_at });
+    }
+    if expected.is_some_and(|e| e != version) {
+        return Err(ApiError::VersionMismatch { current: version });
+    }
+    Ok((version, product))
+}
+
+/// Appends `events` (built by `make` from the next sequence numbers) to `product` at `version`, and
+/// returns the decision with the state they fold to.
+fn decide_changes(
+    version: u64,
+    mut product: ProductState,
+    changes: Vec<ProductEvent>,
+    correlation_id: Option<String>,
+) -> Result<(Decision, ProductState), ApiError> {
+    let now = Utc::now();
+    let mut wires = Vec::with_capacity(changes.len());
+    for (i, event) in changes.into_iter().enumerate() {
+        let envelope = Envelope::new(
+            product.id,
+            version + 1 + i as u64,
+            now,
+            correlation_id.clone(),
+            event,
+        );
+        product
+            .apply(&envelope)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        wires.push(envelope.to_wire());
+    }
+    let value = serde_json::to_value(&product).expect("product serialises");
+    Ok((
+        Decision {
+            expected: version,
+            events: wires,
+            head: value.clone(),
+            response: value,
+        },
+        product,
+    ))
+}
+
+/// The response of a write that leaves the product readable: 200, the product, its `ETag`.
+fn product_response(outcome: commands::Outcome) -> Response {
+    let version = outcome.body["version"].as_u64().unwrap_or_default();
+    let mut response = Json(outcome.body.clone()).into_response();
+    if let Ok(etag) = header::HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    commands::replayed_header(&mut response, &outcome);
+    response
+}
+
+const PATCH_ROUTE: &str = "PATCH /products/{id}";
+const DELETE_ROUTE: &str = "DELETE /products/{id}";
+
+/// Edits a product with a JSON merge patch: appends `ProductUpdated` with the fields that change and,
+/// if URLs were added, `ImagesRequested` for them. 200 with the product as it will read back.
+async fn patch_product(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: JsonFields,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    let expected = if_match(&headers)?;
+    let patch = ProductPatch::parse(&body.fields).map_err(ApiError::Validation)?;
+    let hash = commands::request_hash(PATCH_ROUTE, Some(id), &body.bytes);
+    if let Some(key) = &key {
+        if let Some(outcome) = commands::replay_if_known(&state, PATCH_ROUTE, key, &hash).await? {
+            return Ok(product_response(outcome));
+        }
+    }
+    let correlation_id = request_id(&headers);
+    let command = Command {
+        id: Uuid::now_v7(),
+        aggregate_id: id,
+        route: PATCH_ROUTE,
+        idempotency_key: key,
+        request_hash: hash,
+        email_claim: None,
+    };
+    let outcome = commands::execute(&state, command, |head| {
+        let (version, product) = changeable(head, expected)?;
+        let changes = patch_events(&product, patch);
+        Ok(decide_changes(version, product, changes, correlation_id)?.0)
+    })
+    .await?;
+    forget_cached(&state, id, &outcome).await;
+    Ok(product_response(outcome))
+}
+
+/// The events a patch appends to `product`: nothing if it changes nothing.
+fn patch_events(product: &ProductState, patch: ProductPatch) -> Vec<ProductEvent> {
+    let mut update = events::ProductUpdated::default();
+    if let Some(name) = patch.product_name.filter(|n| *n != product.product_name) {
+        update.product_name = Some(name);
+    }
+    if let Some(d) = patch
+        .product_description
+        .filter(|d| *d != product.product_description)
+    {
+        update.product_description = Some(d);
+    }
+    if let Some(price) = patch
+        .product_price
+        .map(Price::value)
+        .filter(|p| p.round_dp(2) != product.product_price)
+    {
+        update.product_price = Some(price);
+    }
+    let mut added = Vec::new();
+    if let Some(urls) = patch
+        .product_images
+        .filter(|u| *u != product.product_images)
+    {
+        added = product.added_images(&urls);
+        update.product_images = Some(urls);
+    }
+    if update == events::ProductUpdated::default() {
+        return Vec::new();
+    }
+    let new_images = update.product_images.clone().unwrap_or_default();
+    let mut changes = vec![ProductEvent::Updated(update)];
+    if !added.is_empty() {
+        let images = new_images
+            .iter()
+            .enumerate()
+            .filter(|(_, url)| added.contains(url))
+            .map(|(i, url)| ImageRef {
+                position: u32::try_from(i).unwrap_or(u32::MAX),
+                url: url.clone(),
+            })
+            .collect();
+        changes.push(ProductEvent::ImagesRequested(ImagesRequested { images }));
+    }
+    changes
+}
+
+/// Withdraws a product: appends `ProductDeleted`; 204.
+async fn delete_product(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    let key = idempotency_key(&headers)?;
+    let expected = if_match(&headers)?;
+    let hash = commands::request_hash(DELETE_ROUTE, Some(id), b"");
+    if let Some(key) = &key {
+        if let Some(outcome) = commands::replay_if_known(&state, DELETE_ROUTE, key, &hash).await? {
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            commands::replayed_header(&mut response, &outcome);
+            return Ok(response);
+        }
+    }
+    let correlation_id = request_id(&headers);
+    let command = Command {
+        id: Uuid::now_v7(),
+        aggregate_id: id,
+        route: DELETE_ROUTE,
+        idempotency_key: key,
+        request_hash: hash,
+        email_claim: None,
+    };
+    let outcome = commands::execute(&state, command, |head| {
+        let (version, product) = changeable(head, expected)?;
+        let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
+        Ok(decide_changes(version, product, changes, correlation_id)?.0)
+    })
+    .await?;
+    forget_cached(&state, id, &outcome).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Before a write is acknowledged: drops this process's in-process entry and raises the Redis floor
+/// to the written version, so no cache tier serves or fills an older version from now on (the
+/// projector invalidates again once it projects the change).
+async fn forget_cached(state: &AppState, id: Uuid, outcome: &commands::Outcome) {
+    if let Some(local) = &state.local {
+        local.forget(id);
+    }
+    let version = outcome.body["version"].as_u64().unwrap_or_default();
+    if let Some(cache) = &state.cache {
+        if let Err(error) = cache.invalidate(id, version).await {
+            tracing::warn!(%error, "cannot raise the cache floor after a write");
+        }
+    }
 }
 
 /// A product, with its images' status and stored variants: from the cache when it has it, else from
@@ -141,6 +376,9 @@ async fn get_product(
     let Some((product, source)) = crate::read::product(&state, id, min_version).await? else {
         return Err(ApiError::NotFound("product"));
     };
+    if let Some(deleted_at) = product.deleted_at {
+        return Err(ApiError::Gone { deleted_at });
+    }
     if product.version < min_version {
         return Err(ApiError::ProjectionBehind {
             wanted: min_version,
@@ -437,7 +675,7 @@ async fn list_products(
     let statement = client
         .prepare_cached(&format!(
             "SELECT {PRODUCT_COLUMNS} FROM products
-              WHERE user_id = $1
+              WHERE user_id = $1 AND deleted_at IS NULL
                 AND ($2::numeric IS NULL OR product_price >= $2)
                 AND ($3::numeric IS NULL OR product_price <= $3)
                 AND ($4::text IS NULL OR product_name ILIKE $4)

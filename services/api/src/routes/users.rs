@@ -11,7 +11,7 @@ use platform::read_model::{USER_COLUMNS, user_from_row};
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
-use crate::commands::{self, Command};
+use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewUser};
 use crate::error::ApiError;
 use crate::extract::JsonFields;
@@ -34,10 +34,10 @@ async fn create_user(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let new = NewUser::parse(&body.fields).map_err(ApiError::Validation)?;
-    let hash = commands::request_hash(ROUTE, &body.bytes);
+    let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
         if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
-            return Ok(outcome.respond("/users"));
+            return Ok(commands::created(outcome, "/users"));
         }
     }
     let email_lower = new.email.to_lowercase();
@@ -61,14 +61,26 @@ async fn create_user(
     let user = UserState::create(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
     let command = Command {
         id,
+        aggregate_id: id,
         route: ROUTE,
         idempotency_key: key,
         request_hash: hash,
-        events: vec![String::from_utf8(envelope.to_json()).expect("JSON is UTF-8")],
-        response: serde_json::to_value(&user).expect("user serialises"),
         email_claim: Some(email_lower),
     };
-    Ok(commands::execute(&state, command).await?.respond("/users"))
+    let user = serde_json::to_value(&user).expect("user serialises");
+    let outcome = commands::execute(&state, command, |head| {
+        if head.is_some() {
+            return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
+        }
+        Ok(Decision {
+            expected: 0,
+            events: vec![envelope.to_wire()],
+            head: user.clone(),
+            response: user,
+        })
+    })
+    .await?;
+    Ok(commands::created(outcome, "/users"))
 }
 
 /// Whether a projected user already has this address (the claim table covers unprojected ones).
@@ -107,7 +119,7 @@ pub(crate) async fn user_exists(state: &AppState, id: Uuid) -> Result<bool, ApiE
         .query_opt(
             "SELECT 1 FROM users WHERE id = $1
              UNION ALL
-             SELECT 1 FROM api_commands WHERE id = $1 AND route = 'POST /users'
+             SELECT 1 FROM stream_heads WHERE aggregate_id = $1 AND aggregate_type = 'user'
              LIMIT 1",
             &[&id],
         )

@@ -1,0 +1,289 @@
+//! The write side's event store: one authority over the sequence of every stream, and the ordered relay
+//! of its events to Kafka.
+//!
+//! Every writer (the API's commands, the image worker's results, re-drives) appends through
+//! [`append`] inside a transaction in which it holds the stream's head row ([`lock_head`]), having
+//! decided its events from the head's state. The head's version is the version the writer expects:
+//! [`append`] moves it only from that version, and the primary key (aggregate id, sequence) refuses a
+//! sequence taken twice, so a mismatch is refused before anything reaches the log.
+//!
+//! Events reach Kafka through [`publish_stream`]: it locks the stream's unpublished events in sequence
+//! order, produces each (waiting for the acknowledgement) and marks it published. A writer calls it
+//! after committing; the relay ([`relay_once`]) calls it for streams whose events have waited longer
+//! than a grace period (a writer that died after its commit). A later event is never produced before
+//! an earlier unpublished one of its stream, whoever publishes: the row locks are taken in sequence
+//! order, and a publisher that finds the earlier rows locked waits for them.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_postgres::GenericClient;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use crate::config::Topics;
+use crate::kafka::EventProducer;
+
+/// Why an append or a publication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream is not at the version the writer expected (another writer came first), or it
+    /// already exists when the writer meant to create it.
+    #[error("stream {aggregate_id} is not at version {expected}")]
+    VersionMismatch {
+        /// The stream.
+        aggregate_id: Uuid,
+        /// The version the writer expected.
+        expected: u64,
+    },
+    /// The event this append answers was already answered (a job run twice).
+    #[error("event {0} is already answered")]
+    AlreadyAnswered(Uuid),
+    /// PostgreSQL failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be had.
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The broker did not acknowledge an event.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A stored envelope or head state cannot be read (a bug or a hand-edited row).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// One event to append: its wire envelope and, if it answers another event, that event's id.
+pub struct NewEvent {
+    /// The envelope (its sequence must follow the stream's version, in order).
+    pub wire: events::WireEnvelope,
+    /// The id of the event this one answers, if any; an event can be answered once.
+    pub causation_id: Option<Uuid>,
+}
+
+impl NewEvent {
+    /// An event answering nothing.
+    pub fn new(wire: events::WireEnvelope) -> Self {
+        Self {
+            wire,
+            causation_id: None,
+        }
+    }
+}
+
+/// Locks the head of stream `aggregate_id` for the rest of the transaction and returns its version and
+/// state, or `None` if the stream does not exist.
+pub async fn lock_head<S: DeserializeOwned>(
+    tx: &impl GenericClient,
+    aggregate_id: Uuid,
+) -> Result<Option<(u64, S)>, StoreError> {
+    let Some(row) = tx
+        .query_opt(
+            "SELECT version, state FROM stream_heads WHERE aggregate_id = $1 FOR UPDATE",
+            &[&aggregate_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let version = u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
+    let Json(state): Json<serde_json::Value> = row.get(1);
+    let state = serde_json::from_value(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(Some((version, state)))
+}
+
+/// Appends `events` to the stream of `aggregate_id`, which must be at version `expected` (0: the
+/// stream must not exist yet), and sets its head to `state`. Call inside the transaction that holds
+/// the head ([`lock_head`]); nothing is visible until it commits. Events are written as `source`.
+pub async fn append(
+    tx: &impl GenericClient,
+    aggregate_id: Uuid,
+    expected: u64,
+    events: &[NewEvent],
+    state: &impl Serialize,
+    source: &str,
+) -> Result<u64, StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(expected);
+    };
+    let aggregate_type = first.wire.aggregate_type.as_str();
+    let new_version = expected + events.len() as u64;
+    let state = serde_json::to_value(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let (expected_i, new_i) = (to_i64(expected), to_i64(new_version));
+    let moved = if expected == 0 {
+        tx.execute(
+            "INSERT INTO stream_heads (aggregate_id, aggregate_type, version, state)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            &[&aggregate_id, &aggregate_type, &new_i, &Json(&state)],
+        )
+        .await?
+    } else {
+        tx.execute(
+            "UPDATE stream_heads SET version = $3, state = $4
+              WHERE aggregate_id = $1 AND version = $2",
+            &[&aggregate_id, &expected_i, &new_i, &Json(&state)],
+        )
+        .await?
+    };
+    if moved != 1 {
+        return Err(StoreError::VersionMismatch {
+            aggregate_id,
+            expected,
+        });
+    }
+    let statement = tx
+        .prepare(
+            "INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope,
+                                      source, causation_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
+    for (offset, event) in events.iter().enumerate() {
+        let wire = &event.wire;
+        if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "event {} does not continue stream {aggregate_id} at version {expected}",
+                wire.event_id
+            )));
+        }
+        let json = serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            &statement,
+            &[
+                &aggregate_id,
+                &to_i64(wire.sequence),
+                &wire.event_id,
+                &aggregate_type,
+                &json,
+                &source,
+                &event.causation_id,
+            ],
+        )
+        .await
+        .map_err(|e| match (e.code(), event.causation_id) {
+            (Some(code), Some(cause)) if *code == SqlState::UNIQUE_VIOLATION => {
+                if e.as_db_error()
+                    .and_then(|d| d.constraint())
+                    .is_some_and(|c| c == "event_store_answers")
+                {
+                    StoreError::AlreadyAnswered(cause)
+                } else {
+                    StoreError::VersionMismatch {
+                        aggregate_id,
+                        expected,
+                    }
+                }
+            }
+            (Some(code), None) if *code == SqlState::UNIQUE_VIOLATION => {
+                StoreError::VersionMismatch {
+                    aggregate_id,
+                    expected,
+                }
+            }
+            _ => StoreError::Postgres(e),
+        })?;
+    }
+    Ok(new_version)
+}
+
+/// Produces every unpublished event of `aggregate_id` in sequence order, each acknowledged before the
+/// next, marking each published. Returns how many it produced.
+pub async fn publish_stream(
+    pool: &deadpool_postgres::Pool,
+    producer: &EventProducer,
+    topics: &Topics,
+    aggregate_id: Uuid,
+) -> Result<usize, StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT sequence, envelope, source FROM event_store
+              WHERE aggregate_id = $1 AND published_at IS NULL
+              ORDER BY sequence FOR UPDATE",
+            &[&aggregate_id],
+        )
+        .await?;
+    for row in &rows {
+        let json: String = row.get(1);
+        let source: String = row.get(2);
+        let wire: events::WireEnvelope =
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let key = wire.aggregate_id.to_string();
+        let (partition, offset) = producer
+            .send(
+                topics.for_aggregate(wire.aggregate_type),
+                &key,
+                json.as_bytes(),
+                crate::kafka::headers(&wire, &source),
+                Duration::from_secs(10),
+            )
+            .await?;
+        tx.execute(
+            "UPDATE event_store SET published_at = now() WHERE aggregate_id = $1 AND sequence = $2",
+            &[&aggregate_id, &row.get::<_, i64>(0)],
+        )
+        .await?;
+        tracing::debug!(
+            event.id = %wire.event_id,
+            event.r#type = %wire.event_type,
+            event.sequence = wire.sequence,
+            kafka.partition = partition,
+            kafka.offset = offset,
+            "event published"
+        );
+    }
+    tx.commit().await?;
+    Ok(rows.len())
+}
+
+/// One relay sweep: publishes the streams (up to `limit`) whose oldest unpublished event is older than
+/// `grace`. A stream that cannot be published now (broker away, a bad row) is logged and skipped, so one
+/// stream never holds up the others. Returns how many events it published.
+pub async fn relay_once(
+    pool: &deadpool_postgres::Pool,
+    producer: &EventProducer,
+    topics: &Topics,
+    grace: Duration,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let streams: Vec<Uuid> = pool
+        .get()
+        .await?
+        .query(
+            "SELECT aggregate_id FROM event_store
+              WHERE published_at IS NULL AND recorded_at < now() - make_interval(secs => $1)
+              GROUP BY aggregate_id ORDER BY min(recorded_at) LIMIT $2",
+            &[&grace.as_secs_f64(), &limit],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut published = 0;
+    let mut first_error = None;
+    for id in streams {
+        match publish_stream(pool, producer, topics, id).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(stream = %id, events = n, "relay published a stream's pending events");
+                }
+                published += n;
+            }
+            Err(error) => {
+                tracing::warn!(stream = %id, %error, "relay cannot publish this stream now");
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match (published, first_error) {
+        (0, Some(error)) => Err(error),
+        (n, _) => Ok(n),
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
