@@ -11,6 +11,7 @@ mod broker_faults;
 mod cache;
 mod compose;
 mod downstream;
+mod edits;
 mod hardening;
 mod helpers;
 mod history;

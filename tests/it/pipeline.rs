@@ -21,13 +21,13 @@ use crate::helpers::{TestApi, TestEnv, eventually, keyed};
 pub(crate) struct ImageServer {
     base: String,
     port: u16,
-    fixed: Arc<AtomicBool>,
+    pub(crate) fixed: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Default)]
 struct ServerState {
     attempts: Arc<std::sync::Mutex<HashMap<String, u32>>>,
-    fixed: Arc<AtomicBool>,
+    pub(crate) fixed: Arc<AtomicBool>,
     port: Arc<AtomicU32>,
     slow_ms: u64,
 }
