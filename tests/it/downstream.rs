@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use clap::Parser;
-use events::{Decimal, Envelope, ImagesRequested, ProductCreated, ProductEvent};
+use events::{Decimal, Envelope, ImagesRequested, ProductCreated, ProductDeleted, ProductEvent};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -47,6 +47,19 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
         messages.push(requested);
         if n % 4 == 0 {
             messages.push(created); // delivered twice
+        }
+        if n % 5 == 0 {
+            // Withdrawn, and the deletion delivered twice: counted down once.
+            let deleted = Envelope::new(
+                id,
+                3,
+                Utc::now(),
+                None,
+                ProductEvent::Deleted(ProductDeleted {}),
+            );
+            *expected.entry(user).or_default() -= 1;
+            messages.push(deleted.clone());
+            messages.push(deleted);
         }
     }
     let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
@@ -93,10 +106,10 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
             .await
             .ok()?;
         let counts: HashMap<Uuid, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        (counts.values().sum::<i64>() == 30).then_some(counts)
+        (counts == expected).then_some(counts)
     })
     .await;
-    assert_eq!(counts, expected);
+    assert_eq!(counts, expected, "30 created, 6 deleted");
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     env.cleanup().await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use events::{
     Decimal, Envelope, ImageOutcome, ImageOutcomeStatus, ImageRef, ImagesProcessed,
-    ImagesRequested, ProductCreated, ProductEvent,
+    ImagesRequested, ProductCreated, ProductDeleted, ProductEvent, ProductUpdated,
 };
 use rdkafka::producer::FutureRecord;
 use uuid::Uuid;
@@ -68,6 +68,27 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
                     images: vec![outcome(1, true)],
                 }));
             }
+        }
+        // Edits and deletions too: a price change, an image list that moves one image and drops the
+        // other, and every seventh product withdrawn.
+        if n % 3 == 1 {
+            events.push(ProductEvent::Updated(ProductUpdated {
+                product_price: Some(Decimal::new(n as i64 * 7, 1)),
+                product_images: Some(vec![
+                    format!("https://x.example/{n}/new.jpg"),
+                    images[0].url.clone(),
+                ]),
+                ..ProductUpdated::default()
+            }));
+            events.push(ProductEvent::ImagesRequested(ImagesRequested {
+                images: vec![ImageRef {
+                    position: 0,
+                    url: format!("https://x.example/{n}/new.jpg"),
+                }],
+            }));
+        }
+        if n % 7 == 6 {
+            events.push(ProductEvent::Deleted(ProductDeleted {}));
         }
         for (i, e) in events.into_iter().enumerate() {
             out.push(Envelope::new(id, i as u64 + 1, Utc::now(), None, e));
@@ -139,7 +160,10 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
 
     // A live row gone wrong (as after a projection bug), and cached: the switch must repair both.
     let broken: Uuid = client
-        .query_one("SELECT id FROM products ORDER BY id LIMIT 1", &[])
+        .query_one(
+            "SELECT id FROM products WHERE deleted_at IS NULL ORDER BY id LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
