@@ -217,6 +217,18 @@ fn product_response(outcome: commands::Outcome) -> Response {
     response
 }
 
+/// The command of a change to product `id` (its own row id; the stream is the product's).
+fn change_of(id: Uuid, route: &'static str, key: Option<String>, hash: Vec<u8>) -> Command {
+    Command {
+        id: Uuid::now_v7(),
+        aggregate_id: id,
+        route,
+        idempotency_key: key,
+        request_hash: hash,
+        email_claim: None,
+    }
+}
+
 const PATCH_ROUTE: &str = "PATCH /products/{id}";
 const DELETE_ROUTE: &str = "DELETE /products/{id}";
 
@@ -239,14 +251,7 @@ async fn patch_product(
         }
     }
     let correlation_id = request_id(&headers);
-    let command = Command {
-        id: Uuid::now_v7(),
-        aggregate_id: id,
-        route: PATCH_ROUTE,
-        idempotency_key: key,
-        request_hash: hash,
-        email_claim: None,
-    };
+    let command = change_of(id, PATCH_ROUTE, key, hash);
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected)?;
         let changes = patch_events(&product, patch);
@@ -322,14 +327,7 @@ async fn delete_product(
         }
     }
     let correlation_id = request_id(&headers);
-    let command = Command {
-        id: Uuid::now_v7(),
-        aggregate_id: id,
-        route: DELETE_ROUTE,
-        idempotency_key: key,
-        request_hash: hash,
-        email_claim: None,
-    };
+    let command = change_of(id, DELETE_ROUTE, key, hash);
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected)?;
         let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
