@@ -115,6 +115,10 @@ pub struct WireEnvelope {
     /// Id of the request or event that caused this one, for tracing across services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// Who caused the event (audit trail): a user id, `admin:<key id>`, or `system:image-worker` /
+    /// `system:redrive`. Optional: events written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// The payload.
     pub data: Value,
 }
@@ -132,6 +136,8 @@ pub struct Envelope<E> {
     pub occurred_at: DateTime<Utc>,
     /// Id of the request or event that caused this one.
     pub correlation_id: Option<String>,
+    /// Who caused the event (see [`WireEnvelope::actor`]).
+    pub actor: Option<String>,
     /// The payload.
     pub event: E,
 }
@@ -155,8 +161,15 @@ impl<E: DomainEvent> Envelope<E> {
             sequence,
             occurred_at,
             correlation_id,
+            actor: None,
             event,
         }
+    }
+
+    /// The same event, recording who caused it.
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
     }
 
     /// The envelope as it goes on the wire.
@@ -170,6 +183,7 @@ impl<E: DomainEvent> Envelope<E> {
             sequence: self.sequence,
             occurred_at: self.occurred_at,
             correlation_id: self.correlation_id.clone(),
+            actor: self.actor.clone(),
             data: self.event.to_data(),
         }
     }
@@ -203,6 +217,7 @@ impl<E: DomainEvent> Envelope<E> {
             sequence: wire.sequence,
             occurred_at: wire.occurred_at,
             correlation_id: wire.correlation_id,
+            actor: wire.actor,
             event: E::from_data(&wire.event_type, data)?,
         })
     }

@@ -115,6 +115,12 @@ impl TestEnv {
                 .map(|s| (*s).to_owned()),
         );
         args.extend(["--cache-key-prefix".to_owned(), self.prefix.clone()]);
+        // The test client acts as an operator by default (see `TEST_ADMIN_KEY`); auth tests send users'
+        // own keys instead.
+        args.extend([
+            "--auth-admin-key-digests".to_owned(),
+            api::auth::digest_hex(TEST_ADMIN_KEY),
+        ]);
         api::Config::parse_from(args)
     }
 
@@ -205,7 +211,7 @@ impl TestEnv {
         });
         let api = TestApi {
             base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            http: admin_client(),
             stop: Some(stop),
             task,
         };
@@ -310,6 +316,22 @@ impl TestEnv {
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))
             .await;
     }
+}
+
+/// The admin key every test API accepts (its digest is configured by `api_config`).
+pub const TEST_ADMIN_KEY: &str = "cat_test_admin_key_for_the_integration_tests_only";
+
+/// An HTTP client that sends the test admin key unless a request sets its own `Authorization`.
+pub fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TEST_ADMIN_KEY}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// Where the test S3 server listens.

@@ -7,6 +7,7 @@
 #![allow(unreachable_pub)]
 
 mod api;
+mod auth;
 mod broker_faults;
 mod cache;
 mod compose;

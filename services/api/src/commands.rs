@@ -45,6 +45,8 @@ pub(crate) struct Command {
     pub(crate) request_hash: Vec<u8>,
     /// A lower-cased e-mail this command claims (user registration).
     pub(crate) email_claim: Option<String>,
+    /// An API key this command issues to the aggregate (user registration): its id and digest.
+    pub(crate) key_grant: Option<(Uuid, Vec<u8>)>,
 }
 
 /// What a route decided, given the stream's head.
@@ -164,6 +166,13 @@ pub(crate) async fn execute(
                 "a user with this e-mail address already exists",
             )));
         }
+    }
+    if let Some((key_id, digest)) = &command.key_grant {
+        tx.execute(
+            "INSERT INTO api_keys (id, user_id, digest) VALUES ($1, $2, $3)",
+            &[key_id, &command.aggregate_id, digest],
+        )
+        .await?;
     }
     let new_events: Vec<NewEvent> = decision.events.into_iter().map(NewEvent::new).collect();
     event_store::append(

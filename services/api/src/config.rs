@@ -53,6 +53,9 @@ pub struct Config {
     /// Cache settings (`GET /products/{id}`).
     #[command(flatten)]
     pub cache: CacheConfig,
+    /// Credentials and rate limits.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
     /// Log settings.
     #[command(flatten)]
     pub log: LogConfig,

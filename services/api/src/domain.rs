@@ -187,8 +187,9 @@ pub fn parse_image_url(text: &str) -> Result<String, String> {
 /// A validated `POST /products` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewProduct {
-    /// The owner; must be a known user (checked by the handler, not here).
-    pub user_id: Uuid,
+    /// The owner, if the body names one (the caller by default; must be a known user, checked by the
+    /// handler, not here).
+    pub user_id: Option<Uuid>,
     /// Trimmed, 1–200 characters.
     pub product_name: String,
     /// Trimmed, at most 5000 characters; empty when absent.
@@ -203,7 +204,10 @@ impl NewProduct {
     /// Validates every field, returning all problems at once.
     pub fn parse(fields: &RawFields) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
-        let user_id = uuid_field(fields, "user_id", &mut errors);
+        let user_id = match take(fields, "user_id") {
+            None => Some(None),
+            Some(_) => uuid_field(fields, "user_id", &mut errors).map(Some),
+        };
         let product_name = text(fields, "product_name", true, 1, MAX_NAME_CHARS, &mut errors);
         let product_description = if take(fields, "product_description").is_some() {
             text(
@@ -522,19 +526,14 @@ mod tests {
 
     #[test]
     fn missing_required_fields_are_named() {
+        // `user_id` is optional: the caller owns what it creates by default.
         let errors = NewProduct::parse(&fields("{}")).unwrap_err();
-        assert_eq!(
-            fields_named(&errors),
-            ["user_id", "product_name", "product_price"]
-        );
+        assert_eq!(fields_named(&errors), ["product_name", "product_price"]);
         let errors = NewProduct::parse(&fields(
             r#"{"user_id":null,"product_name":null,"product_price":null}"#,
         ))
         .unwrap_err();
-        assert_eq!(
-            fields_named(&errors),
-            ["user_id", "product_name", "product_price"]
-        );
+        assert_eq!(fields_named(&errors), ["product_name", "product_price"]);
     }
 
     #[test]

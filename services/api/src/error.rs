@@ -31,6 +31,18 @@ pub enum ApiError {
     /// 413: the body is larger than the configured limit.
     #[error("the body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 401: no credential, or one that is unknown, revoked, expired or wrongly signed.
+    #[error("a valid credential is required: send Authorization: Bearer <API key or token>")]
+    Unauthenticated,
+    /// 403: the caller may not act on this resource (another user's product, or another `user_id`).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 429: the caller's rate limit is spent; retry after this many seconds.
+    #[error("too many requests; retry after {retry_after} s")]
+    RateLimited {
+        /// Seconds until a request is allowed again.
+        retry_after: u64,
+    },
     /// 404: no such resource.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -125,6 +137,9 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::VersionMismatch { .. } => {
                 (StatusCode::PRECONDITION_FAILED, "version_mismatch")
             }
@@ -150,6 +165,11 @@ impl IntoResponse for ApiError {
             ApiError::VersionMismatch { current } => Some(*current),
             _ => None,
         };
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        };
+        let unauthenticated = matches!(self, ApiError::Unauthenticated);
         let deleted_at = match &self {
             ApiError::Gone { deleted_at } => Some(*deleted_at),
             _ => None,
@@ -192,6 +212,17 @@ impl IntoResponse for ApiError {
             request_id,
         };
         let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(seconds));
+        }
+        if unauthenticated {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if let Some(current) = current_version {
             if let Ok(etag) = axum::http::HeaderValue::from_str(&format!("\"{current}\"")) {
                 response

@@ -4,6 +4,7 @@
 //! Kafka as events; the answer is 201 only once the broker acknowledged them. Reads come from the
 //! PostgreSQL projection that the projector maintains.
 
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod domain;
@@ -45,6 +46,9 @@ pub enum StartupError {
     /// The cache settings are invalid (REDIS_URL).
     #[error("cache (REDIS_URL): {0}")]
     Cache(String),
+    /// The credential settings are invalid (the message names the variable).
+    #[error("{0}")]
+    Auth(String),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
@@ -58,6 +62,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(routes::health::router())
         .merge(routes::users::router())
         .merge(routes::products::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             (
@@ -70,6 +75,23 @@ pub fn router(state: AppState, config: &Config) -> Router {
         })
         .with_state(state);
     with_middleware(routes, config)
+}
+
+/// With `AUTH_READS=authenticated`, reads need a credential too (probes excepted).
+async fn guard_reads(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    auth::ClientAddr(client): auth::ClientAddr,
+    request: Request,
+    next: Next,
+) -> Response {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if state.auth.reads_need_credentials() && request.method() == axum::http::Method::GET && !probe
+    {
+        if let Err(error) = auth::authenticate(&state, request.headers(), client).await {
+            return error.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The middleware every route runs behind: request id, tracing span, timeout, body limit. Public so
@@ -199,6 +221,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
             ))
         }),
         loads: Arc::default(),
+        auth: Arc::new(auth::Authenticator::new(&config.auth).map_err(StartupError::Auth)?),
         fault: config.fault,
     }))
 }
@@ -223,9 +246,12 @@ pub async fn run(
     ));
     tracing::info!(addr = %listener.local_addr()?, "catalog API listening");
     let app = router(state.clone(), &config);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     let _ = stop_relay.send(true);
     let _ = relay.await;
     flush(&state).await;

@@ -45,6 +45,8 @@ pub struct Shared {
     pub local: Option<Arc<crate::read::LocalTier>>,
     /// Concurrent misses of one product share one database read.
     pub loads: Arc<crate::read::SingleFlight>,
+    /// Credentials and rate limits.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// Injected failure, tests only.
     pub fault: Option<Fault>,
 }

@@ -186,7 +186,8 @@ pub async fn redrive(
             Utc::now(),
             Some(format!("redrive-{}", Uuid::new_v4())),
             ProductEvent::ImagesRequested(ImagesRequested { images: todo }),
-        );
+        )
+        .with_actor("system:redrive");
         product
             .apply(&envelope)
             .map_err(|e| DlqError::Store(event_store::StoreError::Corrupt(e.to_string())))?;

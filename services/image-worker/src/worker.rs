@@ -356,7 +356,8 @@ async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
             request_event_id: Some(request_event_id),
             images,
         }),
-    );
+    )
+    .with_actor("system:image-worker");
     if let Err(error) = product.apply(&envelope) {
         return Err(StoreError::Corrupt(error.to_string()).into());
     }

@@ -40,6 +40,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005_event_store.sql",
         sql: include_str!("../../../sql/0005_event_store.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_api_keys.sql",
+        sql: include_str!("../../../sql/0006_api_keys.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

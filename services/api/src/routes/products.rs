@@ -16,6 +16,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
+use crate::auth::{self, Caller, ClientAddr};
 use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewProduct, Price, ProductPatch};
 use crate::error::ApiError;
@@ -43,25 +44,49 @@ pub(crate) fn router() -> Router<AppState> {
 /// answers 201 with the product as it will read back once both are acknowledged.
 async fn create_product(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     body: JsonFields,
 ) -> Result<Response, ApiError> {
+    let caller = auth::authenticate(&state, &headers, client).await?;
     let key = idempotency_key(&headers)?;
     let new = NewProduct::parse(&body.fields).map_err(ApiError::Validation)?;
+    let owner = match (new.user_id, caller.user_id()) {
+        (Some(owner), _) if caller.may_act_for(owner) => owner,
+        (Some(_), _) => {
+            return Err(ApiError::Forbidden(
+                "user_id names another user: products are created for the caller",
+            ));
+        }
+        (None, Some(me)) => me,
+        (None, None) => {
+            return Err(ApiError::Validation(vec![FieldError::new(
+                "user_id",
+                "is required for an admin credential",
+            )]));
+        }
+    };
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
         if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
             return Ok(commands::created(outcome, "/products"));
         }
     }
-    if !user_exists(&state, new.user_id).await? {
+    if !user_exists(&state, owner).await? {
         return Err(ApiError::Validation(vec![FieldError::new(
             "user_id",
             "no user with this id",
         )]));
     }
     let id = Uuid::now_v7();
-    let (events, product) = product_events(id, new, Utc::now(), request_id(&headers))?;
+    let (events, product) = product_events(
+        id,
+        new,
+        owner,
+        Utc::now(),
+        request_id(&headers),
+        &caller.actor(),
+    )?;
     let command = Command {
         id,
         aggregate_id: id,
@@ -69,6 +94,7 @@ async fn create_product(
         idempotency_key: key,
         request_hash: hash,
         email_claim: None,
+        key_grant: None,
     };
     let outcome = commands::execute(&state, command, |head| {
         if head.is_some() {
@@ -89,8 +115,10 @@ async fn create_product(
 fn product_events(
     id: Uuid,
     new: NewProduct,
+    owner: Uuid,
     now: DateTime<Utc>,
     correlation_id: Option<String>,
+    actor: &str,
 ) -> Result<(Vec<events::WireEnvelope>, ProductState), ApiError> {
     let images = new
         .product_images
@@ -107,21 +135,23 @@ fn product_events(
         now,
         correlation_id.clone(),
         ProductEvent::Created(ProductCreated {
-            user_id: new.user_id,
+            user_id: owner,
             product_name: new.product_name,
             product_description: new.product_description,
             product_price: new.product_price.value(),
             currency: "EUR".into(),
             product_images: new.product_images,
         }),
-    );
+    )
+    .with_actor(actor);
     let requested = Envelope::new(
         id,
         2,
         now,
         correlation_id,
         ProductEvent::ImagesRequested(ImagesRequested { images }),
-    );
+    )
+    .with_actor(actor);
     let product = ProductState::fold([&created, &requested])
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::Internal("empty product stream".into()))?;
@@ -151,11 +181,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         })
 }
 
-/// The locked head of a product that a command may change: 404 unknown, 410 deleted, 412 when the
-/// client's `If-Match` is not the current version.
+/// The locked head of a product that a command may change: 404 unknown, 410 deleted, 403 when it is
+/// not the caller's, 412 when the client's `If-Match` is not the current version.
 fn changeable(
     head: Option<(u64, serde_json::Value)>,
     expected: Option<u64>,
+    caller: &Caller,
 ) -> Result<(u64, ProductState), ApiError> {
     let Some((version, state)) = head else {
         return Err(ApiError::NotFound("product"));
@@ -164,6 +195,9 @@ fn changeable(
         .map_err(|e| ApiError::Internal(format!("unreadable product head: {e}")))?;
     if let Some(deleted_at) = product.deleted_at {
         return Err(ApiError::Gone { deleted_at });
+    }
+    if !caller.may_act_for(product.user_id) {
+        return Err(ApiError::Forbidden("the product belongs to another user"));
     }
     if expected.is_some_and(|e| e != version) {
         return Err(ApiError::VersionMismatch { current: version });
@@ -178,6 +212,7 @@ fn decide_changes(
     mut product: ProductState,
     changes: Vec<ProductEvent>,
     correlation_id: Option<String>,
+    actor: &str,
 ) -> Result<(Decision, ProductState), ApiError> {
     let now = Utc::now();
     let mut wires = Vec::with_capacity(changes.len());
@@ -188,7 +223,8 @@ fn decide_changes(
             now,
             correlation_id.clone(),
             event,
-        );
+        )
+        .with_actor(actor);
         product
             .apply(&envelope)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -226,6 +262,7 @@ fn change_of(id: Uuid, route: &'static str, key: Option<String>, hash: Vec<u8>) 
         idempotency_key: key,
         request_hash: hash,
         email_claim: None,
+        key_grant: None,
     }
 }
 
@@ -236,10 +273,12 @@ const DELETE_ROUTE: &str = "DELETE /products/{id}";
 /// if URLs were added, `ImagesRequested` for them. 200 with the product as it will read back.
 async fn patch_product(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: JsonFields,
 ) -> Result<Response, ApiError> {
+    let caller = auth::authenticate(&state, &headers, client).await?;
     let id = path_id(&id)?;
     let key = idempotency_key(&headers)?;
     let expected = if_match(&headers)?;
@@ -253,9 +292,9 @@ async fn patch_product(
     let correlation_id = request_id(&headers);
     let command = change_of(id, PATCH_ROUTE, key, hash);
     let outcome = commands::execute(&state, command, |head| {
-        let (version, product) = changeable(head, expected)?;
+        let (version, product) = changeable(head, expected, &caller)?;
         let changes = patch_events(&product, patch);
-        Ok(decide_changes(version, product, changes, correlation_id)?.0)
+        Ok(decide_changes(version, product, changes, correlation_id, &caller.actor())?.0)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;
@@ -312,9 +351,11 @@ fn patch_events(product: &ProductState, patch: ProductPatch) -> Vec<ProductEvent
 /// Withdraws a product: appends `ProductDeleted`; 204.
 async fn delete_product(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let caller = auth::authenticate(&state, &headers, client).await?;
     let id = path_id(&id)?;
     let key = idempotency_key(&headers)?;
     let expected = if_match(&headers)?;
@@ -329,9 +370,9 @@ async fn delete_product(
     let correlation_id = request_id(&headers);
     let command = change_of(id, DELETE_ROUTE, key, hash);
     let outcome = commands::execute(&state, command, |head| {
-        let (version, product) = changeable(head, expected)?;
+        let (version, product) = changeable(head, expected, &caller)?;
         let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
-        Ok(decide_changes(version, product, changes, correlation_id)?.0)
+        Ok(decide_changes(version, product, changes, correlation_id, &caller.actor())?.0)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;

@@ -2,8 +2,8 @@
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
-use axum::routing::{get, post};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use events::{Envelope, UserEvent, UserRegistered, UserState};
@@ -11,6 +11,7 @@ use platform::read_model::{USER_COLUMNS, user_from_row};
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
+use crate::auth::{self, ClientAddr};
 use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewUser};
 use crate::error::ApiError;
@@ -24,6 +25,8 @@ pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/users", post(create_user))
         .route("/users/{id}", get(get_user))
+        .route("/users/{id}/api-keys", post(create_key))
+        .route("/users/{id}/api-keys/{key_id}", delete(revoke_key))
 }
 
 /// Registers a user: appends `UserRegistered`, answers 201 once the broker acknowledged it.
@@ -59,6 +62,8 @@ async fn create_user(
         }),
     );
     let user = UserState::create(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let envelope = envelope.with_actor(id.to_string());
+    let api_key = auth::issue_key()?;
     let command = Command {
         id,
         aggregate_id: id,
@@ -66,6 +71,7 @@ async fn create_user(
         idempotency_key: key,
         request_hash: hash,
         email_claim: Some(email_lower),
+        key_grant: Some((api_key.id, api_key.digest.clone())),
     };
     let user = serde_json::to_value(&user).expect("user serialises");
     let outcome = commands::execute(&state, command, |head| {
@@ -80,7 +86,83 @@ async fn create_user(
         })
     })
     .await?;
+    // The key is in this answer only: the stored response (for idempotent replays) never holds it.
+    let mut outcome = outcome;
+    if !outcome.replayed {
+        outcome.body["api_key"] = api_key.secret.into();
+        outcome.body["api_key_id"] = api_key.id.to_string().into();
+    }
     Ok(commands::created(outcome, "/users"))
+}
+
+/// The user a key route names, if the caller may manage its keys (itself, or an admin).
+async fn key_owner(
+    state: &AppState,
+    client: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<Uuid, ApiError> {
+    let caller = auth::authenticate(state, headers, client).await?;
+    let id = path_id(id)?;
+    if !caller.may_act_for(id) {
+        return Err(ApiError::Forbidden(
+            "keys can be managed only by their user",
+        ));
+    }
+    Ok(id)
+}
+
+/// Issues another API key to the user: 201 with its id and the key (shown once).
+async fn create_key(
+    State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user_id = key_owner(&state, client, &headers, &id).await?;
+    let key = auth::issue_key()?;
+    let client = state.pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO api_keys (id, user_id, digest) VALUES ($1, $2, $3)",
+            &[&key.id, &user_id, &key.digest],
+        )
+        .await?;
+    tracing::info!(user.id = %user_id, key.id = %key.id, "API key issued");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(serde_json::json!({
+            "id": key.id,
+            "user_id": user_id,
+            "api_key": key.secret,
+        })),
+    )
+        .into_response())
+}
+
+/// Revokes one of the user's keys: 204; every API process refuses it from then on.
+async fn revoke_key(
+    State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
+    Path((id, key_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user_id = key_owner(&state, client, &headers, &id).await?;
+    let key_id = Uuid::parse_str(&key_id)
+        .map_err(|_| ApiError::Validation(vec![FieldError::new("key_id", "must be a UUID")]))?;
+    let client = state.pool.get().await?;
+    let revoked = client
+        .execute(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+              WHERE id = $1 AND user_id = $2",
+            &[&key_id, &user_id],
+        )
+        .await?;
+    if revoked == 0 {
+        return Err(ApiError::NotFound("api key"));
+    }
+    tracing::info!(user.id = %user_id, key.id = %key_id, "API key revoked");
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }
 
 /// Whether a projected user already has this address (the claim table covers unprojected ones).

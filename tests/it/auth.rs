@@ -1,0 +1,387 @@
+//! Who may change what: API keys, JWTs from an identity provider, ownership, rate limits, the actor
+//! on every event, and no secret in any log line.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{TestApi, TestEnv};
+
+/// Everything the services log during a test, at every level.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures all logs of this test process (nextest runs each test in its own process).
+fn capture_logs() -> Captured {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("trace,h2=info,hyper=info,rustls=info,reqwest=info,tokio_postgres=info")
+        .with_writer(move || writer.clone())
+        .try_init();
+    captured
+}
+
+/// An HTTP client without credentials.
+fn anonymous() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn sign_up(api: &TestApi) -> (String, String, String) {
+    let r = anonymous()
+        .post(api.url("/users"))
+        .json(&json!({"name": "Ada", "email": format!("{}@example.com", Uuid::new_v4().simple())}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["api_key"].as_str().unwrap().to_owned(),
+        body["api_key_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn product(user: Option<&str>) -> Value {
+    let mut body = json!({"product_name": "Desk", "product_price": "10.00"});
+    if let Some(user) = user {
+        body["user_id"] = user.into();
+    }
+    body
+}
+
+async fn post_product(api: &TestApi, token: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut r = anonymous().post(api.url("/products")).json(body);
+    if let Some(token) = token {
+        r = r.bearer_auth(token);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_need_a_valid_credential_of_the_owner_and_no_secret_is_ever_logged() {
+    let logs = capture_logs();
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let second = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let (ada, ada_key, ada_key_id) = sign_up(&api).await;
+    let (bob, bob_key, _) = sign_up(&api).await;
+    assert!(
+        ada_key.starts_with("cat_") && ada_key.len() == 68,
+        "{ada_key}"
+    );
+
+    // 401: without, with an unknown key, with garbage; the challenge names the scheme.
+    for token in [None, Some("cat_0000"), Some("not a token")] {
+        let r = post_product(&api, token, &product(None)).await;
+        assert_eq!(r.status(), 401, "{token:?}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "unauthenticated");
+    }
+
+    // The caller owns what it creates; a foreign user_id is 403.
+    let r = post_product(&api, Some(&ada_key), &product(None)).await;
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["user_id"], ada.as_str());
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        post_product(&api, Some(&ada_key), &product(Some(&bob)))
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        post_product(&api, Some(&ada_key), &product(Some(&ada)))
+            .await
+            .status(),
+        201
+    );
+
+    // Bob may not change or delete Ada's product; Ada may.
+    let url = api.url(&format!("/products/{id}"));
+    let bob_patch = anonymous()
+        .patch(&url)
+        .bearer_auth(&bob_key)
+        .json(&json!({"product_name": "Mine"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bob_patch.status(), 403);
+    let body: Value = bob_patch.json().await.unwrap();
+    assert_eq!(body["code"], "forbidden");
+    assert_eq!(
+        anonymous()
+            .delete(&url)
+            .bearer_auth(&bob_key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        anonymous()
+            .patch(&url)
+            .bearer_auth(&ada_key)
+            .json(&json!({"product_name": "Oak desk"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // The actor of each event is who caused it.
+    assert_eq!(
+        api.get(&format!("/products/{id}?min_version=3"))
+            .await
+            .status(),
+        200
+    );
+    let events: Value = api
+        .get(&format!("/products/{id}/events"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let actors: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(actors, [ada.as_str(), ada.as_str(), ada.as_str()]);
+
+    // Keys: another one for Ada (by Ada only), then revoking the first is seen by the second process.
+    let keys_url = api.url(&format!("/users/{ada}/api-keys"));
+    assert_eq!(
+        anonymous()
+            .post(&keys_url)
+            .bearer_auth(&bob_key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let issued: Value = anonymous()
+        .post(&keys_url)
+        .bearer_auth(&ada_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_key = issued["api_key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        post_product(&second, Some(&ada_key), &product(None))
+            .await
+            .status(),
+        201
+    );
+    let revoked = anonymous()
+        .delete(api.url(&format!("/users/{ada}/api-keys/{ada_key_id}")))
+        .bearer_auth(&new_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    // No process caches keys: the very next request to the other process is refused.
+    let refused = post_product(&second, Some(&ada_key), &product(None)).await;
+    assert_eq!(
+        refused.status(),
+        401,
+        "the other process refuses the revoked key"
+    );
+    assert_eq!(
+        post_product(&second, Some(&new_key), &product(None))
+            .await
+            .status(),
+        201
+    );
+
+    // A replayed sign-up does not show the key again.
+    let email = format!("{}@example.com", Uuid::new_v4().simple());
+    let signup = || {
+        anonymous()
+            .post(api.url("/users"))
+            .header("idempotency-key", "signup-1")
+            .json(&json!({"name": "Cy", "email": email}))
+            .send()
+    };
+    let first: Value = signup().await.unwrap().json().await.unwrap();
+    let again: Value = signup().await.unwrap().json().await.unwrap();
+    assert!(first["api_key"].is_string());
+    assert!(again.get("api_key").is_none(), "{again}");
+
+    projector.stop().await;
+    api.stop().await;
+    second.stop().await;
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(logged.contains("API key revoked"), "logs are captured");
+    for secret in [
+        ada_key.as_str(),
+        bob_key.as_str(),
+        new_key.as_str(),
+        first["api_key"].as_str().unwrap(),
+    ] {
+        assert!(!logged.contains(secret), "a key reached the logs");
+        assert!(
+            !logged.contains(&secret[4..20]),
+            "part of a key reached the logs"
+        );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_credential_over_its_rate_gets_429_with_retry_after() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.auth.rate_per_sec = 1.0;
+    config.auth.rate_burst = 3.0;
+    let api = env.spawn_api_with(config).await;
+    let (_, key, _) = sign_up(&api).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = post_product(&api, Some(&key), &product(None)).await;
+        let status = r.status().as_u16();
+        if status == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["code"], "rate_limited");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [201, 201, 201, 429, 429]);
+    api.stop().await;
+    env.cleanup().await;
+}
+
+/// base64url without padding, for JWKs.
+fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+struct Signer {
+    kid: &'static str,
+    alg: Algorithm,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+fn ed25519(kid: &'static str) -> Signer {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    Signer {
+        kid,
+        alg: Algorithm::EdDSA,
+        key: EncodingKey::from_ed_der(pkcs8.as_ref()),
+        jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA",
+                    "x": b64(pair.public_key().as_ref())}),
+    }
+}
+
+fn es256(kid: &'static str) -> Signer {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let public = pair.public_key().as_ref(); // 0x04 || X || Y
+    Signer {
+        kid,
+        alg: Algorithm::ES256,
+        key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+                    "x": b64(&public[1..33]), "y": b64(&public[33..65])}),
+    }
+}
+
+fn token(signer: &Signer, claims: &Value) -> String {
+    let mut header = Header::new(signer.alg);
+    header.kid = Some(signer.kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &signer.key).unwrap()
+}
+
+#[tokio::test]
+async fn jwts_from_an_identity_provider_are_checked_against_its_jwks() {
+    let env = TestEnv::new().await;
+    let ed = ed25519("ed-1");
+    let ec = es256("ec-1");
+    let impostor = ed25519("ed-1"); // same kid, another key: a wrong signature
+    let dir = std::env::temp_dir().join(format!("jwks-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [ed.jwk, ec.jwk]}).to_string()).unwrap();
+    let mut config = env.api_config();
+    config.auth.jwks_url = jwks.display().to_string();
+    config.auth.jwt_issuer = "https://id.example".into();
+    config.auth.jwt_audience = "catalog".into();
+    let api = env.spawn_api_with(config).await;
+    let (user, _, _) = sign_up(&api).await;
+    let now = chrono::Utc::now().timestamp();
+    let claims = |exp: i64, aud: &str| json!({"sub": user, "iss": "https://id.example", "aud": aud, "exp": exp, "nbf": now - 10});
+    let valid = claims(now + 600, "catalog");
+    for signer in [&ed, &ec] {
+        let r = post_product(&api, Some(&token(signer, &valid)), &product(None)).await;
+        assert_eq!(r.status(), 201, "{:?}", signer.alg);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["user_id"], user.as_str());
+    }
+    let refused = [
+        ("expired", token(&ed, &claims(now - 600, "catalog"))),
+        ("wrong audience", token(&ed, &claims(now + 600, "other"))),
+        ("wrongly signed", token(&impostor, &valid)),
+        ("not yet valid", {
+            let mut early = valid.clone();
+            early["nbf"] = (now + 600).into();
+            token(&ed, &early)
+        }),
+        ("unknown key", {
+            let stranger = ed25519("other-kid");
+            token(&stranger, &valid)
+        }),
+    ];
+    for (what, jwt) in refused {
+        let r = post_product(&api, Some(&jwt), &product(None)).await;
+        assert_eq!(r.status(), 401, "{what}");
+        assert!(
+            !r.text().await.unwrap().contains(&jwt),
+            "the token is not echoed"
+        );
+    }
+    api.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    env.cleanup().await;
+}
