@@ -34,9 +34,11 @@ for port in 18080 18081 18083; do
     for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 done
 
-user=$(curl -fs -X POST http://127.0.0.1:18080/users -H 'Content-Type: application/json' \
-    -d "{\"name\":\"Bench\",\"email\":\"bench-$RANDOM$RANDOM@example.com\"}" | sed 's/.*"id":"\([^"]*\)".*/\1/')
-product=$(curl -fs -X POST http://127.0.0.1:18080/products -H 'Content-Type: application/json' \
+signup=$(curl -fs -X POST http://127.0.0.1:18080/users -H 'Content-Type: application/json' \
+    -d "{\"name\":\"Bench\",\"email\":\"bench-$RANDOM$RANDOM@example.com\"}")
+user=$(echo "$signup" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+key=$(echo "$signup" | sed 's/.*"api_key":"\([^"]*\)".*/\1/')
+product=$(curl -fs -X POST http://127.0.0.1:18080/products -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
     -d "{\"user_id\":\"$user\",\"product_name\":\"Walnut desk\",\"product_description\":\"Solid walnut, 140 x 70 cm, oiled.\",\"product_price\":\"349.90\",\"product_images\":[\"https://images.example.com/desk-front.jpg\",\"https://images.example.com/desk-side.jpg\"]}")
 id=$(echo "$product" | sed 's/.*"id":"\([^"]*\)".*/\1/')
 curl -fs "http://127.0.0.1:18081/products/$id" >"$tmp/body.json"

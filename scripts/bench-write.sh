@@ -32,16 +32,19 @@ export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=cat
 API_ADDR=127.0.0.1:18090 "$bin/catalog-api" 2>"$tmp/api.log" & pids+=($!)
 for _ in $(seq 1 100); do curl -fs http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.1; done
 
-user=$(curl -fs -X POST http://127.0.0.1:18090/users -H 'Content-Type: application/json' \
-    -d "{\"name\":\"Bench\",\"email\":\"bench-$RANDOM$RANDOM@example.com\"}" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+signup=$(curl -fs -X POST http://127.0.0.1:18090/users -H 'Content-Type: application/json' \
+    -d "{\"name\":\"Bench\",\"email\":\"bench-$RANDOM$RANDOM@example.com\"}")
+user=$(echo "$signup" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+key=$(echo "$signup" | sed 's/.*"api_key":"\([^"]*\)".*/\1/')
 body="{\"user_id\":\"$user\",\"product_name\":\"Walnut desk\",\"product_description\":\"Solid walnut, 140 x 70 cm, oiled.\",\"product_price\":\"349.90\",\"product_images\":[]}"
 # Products to edit: PATCHes spread over them (no If-Match), each changing the description.
 ids=()
 for _ in $(seq 1 200); do
-    ids+=("$(curl -fs -X POST http://127.0.0.1:18090/products -H 'Content-Type: application/json' -d "$body" \
+    ids+=("$(curl -fs -X POST http://127.0.0.1:18090/products -H "Authorization: Bearer $key" -H 'Content-Type: application/json' -d "$body" \
         | sed 's/.*"id":"\([^"]*\)".*/\1/')")
 done
 {
+    echo "local key = \"$key\""
     echo "local ids = {"; printf '"%s",\n' "${ids[@]}"; echo "}"
     cat <<'LUA'
 local n = 0
@@ -49,13 +52,14 @@ request = function()
   n = n + 1
   local id = ids[math.random(#ids)]
   local body = '{"product_description":"edit ' .. n .. '-' .. math.random(1000000000) .. '"}'
-  return wrk.format("PATCH", "/products/" .. id, {["Content-Type"] = "application/json"}, body)
+  return wrk.format("PATCH", "/products/" .. id, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}, body)
 end
 LUA
 } >"$tmp/patch.lua"
 cat >"$tmp/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
 wrk.body = '$body'
 LUA
 

@@ -75,14 +75,14 @@ pub struct AuthConfig {
     #[arg(
         long = "auth-rate-per-sec",
         env = "AUTH_RATE_PER_SEC",
-        default_value_t = 1000.0
+        default_value_t = 10_000.0
     )]
     pub rate_per_sec: f64,
     /// Requests a credential may make in a burst above the sustained rate.
     #[arg(
         long = "auth-rate-burst",
         env = "AUTH_RATE_BURST",
-        default_value_t = 2000.0
+        default_value_t = 20_000.0
     )]
     pub rate_burst: f64,
     /// Requests per second allowed per client address without a valid credential.
