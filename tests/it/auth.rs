@@ -328,6 +328,43 @@ fn es256(kid: &'static str) -> Signer {
     }
 }
 
+/// An RS256 key made by the openssl command (ring cannot generate RSA keys).
+fn rs256(kid: &'static str, dir: &std::path::Path) -> Signer {
+    let pem = dir.join(format!("{kid}.pem"));
+    let status = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&pem)
+        .arg("2048")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    let modulus = std::process::Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let hex = String::from_utf8(modulus.stdout).unwrap();
+    let hex = hex.trim().trim_start_matches("Modulus=");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let der = std::process::Command::new("openssl")
+        .args(["rsa", "-traditional", "-outform", "DER", "-in"])
+        .arg(&pem)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(der.status.success());
+    Signer {
+        kid,
+        alg: Algorithm::RS256,
+        key: EncodingKey::from_rsa_der(&der.stdout),
+        jwk: json!({"kty": "RSA", "kid": kid, "alg": "RS256", "n": b64(&n), "e": "AQAB"}),
+    }
+}
+
 fn token(signer: &Signer, claims: &Value) -> String {
     let mut header = Header::new(signer.alg);
     header.kid = Some(signer.kid.to_owned());
@@ -337,13 +374,18 @@ fn token(signer: &Signer, claims: &Value) -> String {
 #[tokio::test]
 async fn jwts_from_an_identity_provider_are_checked_against_its_jwks() {
     let env = TestEnv::new().await;
-    let ed = ed25519("ed-1");
-    let ec = es256("ec-1");
-    let impostor = ed25519("ed-1"); // same kid, another key: a wrong signature
     let dir = std::env::temp_dir().join(format!("jwks-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
+    let ed = ed25519("ed-1");
+    let ec = es256("ec-1");
+    let rsa = rs256("rsa-1", &dir);
+    let impostor = ed25519("ed-1"); // same kid, another key: a wrong signature
     let jwks = dir.join("jwks.json");
-    std::fs::write(&jwks, json!({"keys": [ed.jwk, ec.jwk]}).to_string()).unwrap();
+    std::fs::write(
+        &jwks,
+        json!({"keys": [ed.jwk, ec.jwk, rsa.jwk]}).to_string(),
+    )
+    .unwrap();
     let mut config = env.api_config();
     config.auth.jwks_url = jwks.display().to_string();
     config.auth.jwt_issuer = "https://id.example".into();
@@ -353,7 +395,7 @@ async fn jwts_from_an_identity_provider_are_checked_against_its_jwks() {
     let now = chrono::Utc::now().timestamp();
     let claims = |exp: i64, aud: &str| json!({"sub": user, "iss": "https://id.example", "aud": aud, "exp": exp, "nbf": now - 10});
     let valid = claims(now + 600, "catalog");
-    for signer in [&ed, &ec] {
+    for signer in [&ed, &ec, &rsa] {
         let r = post_product(&api, Some(&token(signer, &valid)), &product(None)).await;
         assert_eq!(r.status(), 201, "{:?}", signer.alg);
         let body: Value = r.json().await.unwrap();
@@ -383,5 +425,39 @@ async fn jwts_from_an_identity_provider_are_checked_against_its_jwks() {
     }
     api.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_authenticated_reads_a_read_needs_a_credential_but_probes_do_not() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.auth.reads = api::auth::ReadAccess::Authenticated;
+    let api = env.spawn_api_with(config).await;
+    let (user, key, _) = sign_up(&api).await;
+    let url = api.url(&format!("/users/{user}"));
+    assert_eq!(anonymous().get(&url).send().await.unwrap().status(), 401);
+    assert_ne!(
+        anonymous()
+            .get(&url)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            anonymous()
+                .get(api.url(probe))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    api.stop().await;
     env.cleanup().await;
 }

@@ -397,6 +397,30 @@ async fn racing_writers_workers_and_redrives_leave_one_contiguous_history() {
     })
     .await;
     let ids: HashSet<&String> = served.iter().map(|(_, e)| e).collect();
+    // Every event says who caused it: the operator (the test client), the worker, the re-drive.
+    let events: Value = api
+        .get(&format!("/products/{id}/events?limit=250"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    for event in events["items"].as_array().unwrap() {
+        let expected = match event["event_type"].as_str().unwrap() {
+            "ImagesProcessed" => "system:image-worker",
+            "ImagesRequested"
+                if event["correlation_id"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("redrive-")) =>
+            {
+                "system:redrive"
+            }
+            _ => "admin:",
+        };
+        assert!(
+            event["actor"].as_str().unwrap().starts_with(expected),
+            "{event}"
+        );
+    }
     assert_eq!(ids.len() as i64, n, "no duplicate event id");
     let read: Value = api
         .get(&format!("/products/{id}"))
