@@ -25,6 +25,8 @@ test:
     else \
         cargo test --workspace --no-fail-fast; \
     fi
+    # The contract against everything the suite emitted: AsyncAPI parses, every message conforms.
+    scripts/contract.sh 127.0.0.1:{{test_broker_port}}
 
 # Formatting and lints, as CI checks them.
 lint:

@@ -35,6 +35,7 @@ fn every_event_type_has_a_schema_and_an_example() {
     let mut schemas: Vec<_> = std::fs::read_dir(dir("schemas"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".json"))
         .collect();
     schemas.sort();
     let examples: Vec<_> = examples().into_iter().map(|(n, _)| n).collect();
@@ -129,4 +130,18 @@ fn unknown_types_and_future_versions_are_refused_not_guessed() {
         matches!(err, DecodeError::UnsupportedVersion { found: 99, .. }),
         "{err}"
     );
+}
+
+#[test]
+fn the_pipeline_topics_examples_match_their_schemas() {
+    for name in ["ImageJob.v1.json", "DeadLetter.v1.json"] {
+        let schema = read_json(&dir("schemas/pipeline").join(name));
+        let example = read_json(&dir("examples/pipeline").join(name));
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&example)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:?}");
+    }
 }

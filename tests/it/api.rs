@@ -163,7 +163,8 @@ async fn an_idempotency_key_replays_the_first_answer_and_appends_nothing() {
             FutureRecord::to(&env.kafka().topics().products)
                 .partition(partition)
                 .key("sentinel")
-                .payload("sentinel"),
+                .payload("sentinel")
+                .headers(crate::helpers::fixture_headers()),
             Duration::from_secs(10),
         )
         .await
@@ -410,6 +411,32 @@ async fn a_request_that_takes_too_long_gets_a_json_503() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "unavailable");
     assert!(body["request_id"].is_string());
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_event_contract_is_served_with_its_schemas() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let r = api.get("/asyncapi.yaml").await;
+    assert_eq!(r.status(), 200);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(doc["asyncapi"], serde_yaml::Value::from("3.0.0"));
+    // Every schema the document references resolves against the API, relative to the document.
+    let text = serde_yaml::to_string(&doc).unwrap();
+    let refs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("$ref: ./"))
+        .collect();
+    assert_eq!(refs.len(), 8, "{refs:?}");
+    for path in refs {
+        let r = api.get(&format!("/{path}")).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let schema: Value = r.json().await.unwrap();
+        assert!(schema["$schema"].is_string(), "{path}");
+    }
+    assert_eq!(api.get("/schemas/Nope.v1.json").await.status(), 404);
     api.stop().await;
     env.cleanup().await;
 }

@@ -290,7 +290,9 @@ impl TestEnv {
         self.publish_raw(&payloads).await;
     }
 
-    /// Appends (key, payload) messages to the products topic as they are, each acknowledged.
+    /// Appends (key, payload) messages to the products topic as they are, each acknowledged. A payload
+    /// that is an event envelope gets its CloudEvents headers; anything else is marked as a deliberate
+    /// fixture (see `fixture_headers`).
     pub async fn publish_raw(&self, payloads: &[(String, Vec<u8>)]) {
         let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
         let topic = self.kafka().topics().products;
@@ -299,7 +301,8 @@ impl TestEnv {
                 producer.send(
                     rdkafka::producer::FutureRecord::to(&topic)
                         .key(key)
-                        .payload(payload),
+                        .payload(payload)
+                        .headers(test_headers(payload)),
                     Duration::from_secs(10),
                 )
             });
@@ -332,6 +335,24 @@ pub fn admin_client() -> reqwest::Client {
         .default_headers(headers)
         .build()
         .unwrap()
+}
+
+/// The headers a test gives a message it appends itself: the CloudEvents headers of an event envelope,
+/// or, for anything else (garbage, sentinels), the marker the contract conformance check
+/// (`scripts/conformance.py`) skips.
+pub fn test_headers(payload: &[u8]) -> rdkafka::message::OwnedHeaders {
+    match serde_json::from_slice::<events::WireEnvelope>(payload) {
+        Ok(wire) => platform::kafka::headers(&wire, "/catalog/tests"),
+        Err(_) => fixture_headers(),
+    }
+}
+
+/// Marks a message as a deliberate test fixture that no contract applies to.
+pub fn fixture_headers() -> rdkafka::message::OwnedHeaders {
+    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: "catalog-test-fixture",
+        value: Some("deliberate"),
+    })
 }
 
 /// Where the test S3 server listens.

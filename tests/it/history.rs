@@ -215,7 +215,8 @@ async fn a_version_1_event_is_upcast_and_projected() {
             .send(
                 FutureRecord::to(&env.kafka().topics().products)
                     .key(&id.to_string())
-                    .payload(&payload),
+                    .payload(&payload)
+                    .headers(crate::helpers::test_headers(&payload)),
                 Duration::from_secs(10),
             )
             .await

@@ -243,7 +243,8 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
                     .send(
                         FutureRecord::to(&env_kafka.topics().products)
                             .key(&e.aggregate_id.to_string())
-                            .payload(&e.to_json()),
+                            .payload(&e.to_json())
+                            .headers(crate::helpers::test_headers(&e.to_json())),
                         Duration::from_secs(10),
                     )
                     .await

@@ -60,6 +60,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState, config: &Config) -> Router {
     let routes = Router::new()
         .merge(routes::health::router())
+        .merge(routes::contract::router())
         .merge(routes::users::router())
         .merge(routes::products::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads))
@@ -84,7 +85,9 @@ async fn guard_reads(
     request: Request,
     next: Next,
 ) -> Response {
-    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    let path = request.uri().path();
+    let probe =
+        matches!(path, "/healthz" | "/readyz" | "/asyncapi.yaml") || path.starts_with("/schemas/");
     if state.auth.reads_need_credentials() && request.method() == axum::http::Method::GET && !probe
     {
         if let Err(error) = auth::authenticate(&state, request.headers(), client).await {

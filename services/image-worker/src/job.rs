@@ -102,3 +102,40 @@ pub struct DeadLetter {
     /// When it first failed.
     pub first_failure_at: DateTime<Utc>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_published_pipeline_examples_are_what_the_worker_reads_and_writes() {
+        let job: Job = serde_json::from_str(include_str!(
+            "../../../events/examples/pipeline/ImageJob.v1.json"
+        ))
+        .unwrap();
+        let letter: DeadLetter = serde_json::from_str(include_str!(
+            "../../../events/examples/pipeline/DeadLetter.v1.json"
+        ))
+        .unwrap();
+        // Written back, they have exactly the example's fields.
+        for (written, example) in [
+            (
+                serde_json::to_value(&job).unwrap(),
+                include_str!("../../../events/examples/pipeline/ImageJob.v1.json"),
+            ),
+            (
+                serde_json::to_value(&letter).unwrap(),
+                include_str!("../../../events/examples/pipeline/DeadLetter.v1.json"),
+            ),
+        ] {
+            let example: serde_json::Value = serde_json::from_str(example).unwrap();
+            let keys = |v: &serde_json::Value| {
+                let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+                k.sort();
+                k
+            };
+            assert_eq!(keys(&written), keys(&example));
+        }
+        assert_eq!(job.pending().len(), 1);
+    }
+}

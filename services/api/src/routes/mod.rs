@@ -1,5 +1,6 @@
 //! HTTP routes, one module per resource; each exposes `router()`.
 
+pub(crate) mod contract;
 pub(crate) mod health;
 pub(crate) mod products;
 pub(crate) mod users;
