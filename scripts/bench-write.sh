@@ -66,17 +66,17 @@ LUA
 to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
     awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
 }
-run_wrk() { # script → "rps p50_ms p99_ms non2xx"
-    wrk -t2 -c"$C" -d"${D}s" --latency -s "$1" http://127.0.0.1:18090 >"$tmp/wrk.txt"
+run_wrk() { # script url → "rps p50_ms p99_ms non2xx"
+    wrk -t2 -c"$C" -d"${D}s" --latency -s "$1" "$2" >"$tmp/wrk.txt"
     local rps p50 p99 bad
     rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$tmp/wrk.txt")
     p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
     p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
-    bad=$(awk '/Non-2xx/ {print $4}' "$tmp/wrk.txt")
+    bad=$(awk '/Non-2xx/ {print $5}' "$tmp/wrk.txt")
     echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${bad:-0}"
 }
-post=$(run_wrk "$tmp/post.lua")
-patch=$(run_wrk "$tmp/patch.lua")
+post=$(run_wrk "$tmp/post.lua" http://127.0.0.1:18090/products)
+patch=$(run_wrk "$tmp/patch.lua" http://127.0.0.1:18090)
 
 # Broker ceiling: the same event bytes, two acknowledged appends per request, same concurrency.
 psql -h 127.0.0.1 -U postgres -d catalog_bench -Atc "SELECT envelope FROM bench_write.event_store ORDER BY recorded_at LIMIT 1" >"$tmp/event.json"

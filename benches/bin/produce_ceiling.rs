@@ -25,31 +25,33 @@ async fn main() -> anyhow::Result<()> {
     let payload = std::fs::read(event_file)?;
     let connections: usize = connections.parse()?;
     let until = Instant::now() + Duration::from_secs(seconds.parse()?);
-    let writers = (0..connections).map(|w| {
-        let (producer, payload, topic) = (producer.clone(), payload.clone(), topic.clone());
-        tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut n = 0u64;
-            while Instant::now() < until {
-                let key = format!("{w}-{n}");
-                let started = Instant::now();
-                for _ in 0..2 {
-                    let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                    if producer
-                        .send(record, Duration::from_secs(10))
-                        .await
-                        .is_err()
-                    {
-                        return latencies;
-                    }
-                }
-                latencies.push(started.elapsed());
-                n += 1;
-            }
-            latencies
-        })
-    });
     let started = Instant::now();
+    let writers: Vec<_> = (0..connections)
+        .map(|w| {
+            let (producer, payload, topic) = (producer.clone(), payload.clone(), topic.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    let key = format!("{w}-{n}");
+                    let started = Instant::now();
+                    for _ in 0..2 {
+                        let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                        if producer
+                            .send(record, Duration::from_secs(10))
+                            .await
+                            .is_err()
+                        {
+                            return latencies;
+                        }
+                    }
+                    latencies.push(started.elapsed());
+                    n += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
     let mut all = Vec::new();
     for w in writers {
         all.extend(w.await?);

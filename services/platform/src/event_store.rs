@@ -133,13 +133,11 @@ pub async fn append(
             expected,
         });
     }
-    let statement = tx
-        .prepare(
-            "INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope,
-                                      source, causation_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .await?;
+    // One statement for all the events (one round trip), checked against the stream first.
+    let mut sequences = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    let mut causes = Vec::with_capacity(events.len());
     for (offset, event) in events.iter().enumerate() {
         let wire = &event.wire;
         if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
@@ -148,43 +146,43 @@ pub async fn append(
                 wire.event_id
             )));
         }
-        let json = serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tx.execute(
-            &statement,
-            &[
-                &aggregate_id,
-                &to_i64(wire.sequence),
-                &wire.event_id,
-                &aggregate_type,
-                &json,
-                &source,
-                &event.causation_id,
-            ],
-        )
-        .await
-        .map_err(|e| match (e.code(), event.causation_id) {
-            (Some(code), Some(cause)) if *code == SqlState::UNIQUE_VIOLATION => {
-                if e.as_db_error()
-                    .and_then(|d| d.constraint())
-                    .is_some_and(|c| c == "event_store_answers")
-                {
-                    StoreError::AlreadyAnswered(cause)
-                } else {
-                    StoreError::VersionMismatch {
-                        aggregate_id,
-                        expected,
-                    }
-                }
-            }
-            (Some(code), None) if *code == SqlState::UNIQUE_VIOLATION => {
-                StoreError::VersionMismatch {
-                    aggregate_id,
-                    expected,
-                }
-            }
-            _ => StoreError::Postgres(e),
-        })?;
+        sequences.push(to_i64(wire.sequence));
+        ids.push(wire.event_id);
+        envelopes
+            .push(serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        causes.push(event.causation_id);
     }
+    tx.execute(
+        "INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope, source,
+                                  causation_id)
+         SELECT $1, s, i, $5, e, $6, c
+           FROM unnest($2::bigint[], $3::uuid[], $4::text[], $7::uuid[]) AS t(s, i, e, c)",
+        &[
+            &aggregate_id,
+            &sequences,
+            &ids,
+            &envelopes,
+            &aggregate_type,
+            &source,
+            &causes,
+        ],
+    )
+    .await
+    .map_err(|e| {
+        let unique = e.code() == Some(&SqlState::UNIQUE_VIOLATION);
+        let answered = e
+            .as_db_error()
+            .and_then(|d| d.constraint())
+            .is_some_and(|c| c == "event_store_answers");
+        match (unique, answered, events.iter().find_map(|e| e.causation_id)) {
+            (true, true, Some(cause)) => StoreError::AlreadyAnswered(cause),
+            (true, _, _) => StoreError::VersionMismatch {
+                aggregate_id,
+                expected,
+            },
+            _ => StoreError::Postgres(e),
+        }
+    })?;
     Ok(new_version)
 }
 
@@ -206,34 +204,69 @@ pub async fn publish_stream(
             &[&aggregate_id],
         )
         .await?;
+    let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
         let json: String = row.get(1);
         let source: String = row.get(2);
         let wire: events::WireEnvelope =
             serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let key = wire.aggregate_id.to_string();
-        let (partition, offset) = producer
-            .send(
+        events.push((row.get::<_, i64>(0), json, source, wire));
+    }
+    // All of the stream's pending events are handed to the producer at once, in sequence order (each
+    // send is enqueued when first polled, and `join_all` polls them in order): the idempotent producer
+    // keeps their order within the partition, so the stream waits for one round of acknowledgements
+    // instead of one per event.
+    let keys: Vec<String> = events
+        .iter()
+        .map(|e| e.3.aggregate_id.to_string())
+        .collect();
+    let sends = events
+        .iter()
+        .zip(&keys)
+        .map(|((_, json, source, wire), key)| {
+            producer.send(
                 topics.for_aggregate(wire.aggregate_type),
-                &key,
+                key,
                 json.as_bytes(),
-                crate::kafka::headers(&wire, &source),
+                crate::kafka::headers(wire, source),
                 Duration::from_secs(10),
             )
-            .await?;
+        });
+    let acks = futures::future::join_all(sends).await;
+    // Only the acknowledged prefix counts as published: a later event is never marked before an
+    // earlier one.
+    let mut published = Vec::new();
+    let mut failure = None;
+    for ((sequence, _, _, wire), ack) in events.iter().zip(acks) {
+        match ack {
+            Ok((partition, offset)) if failure.is_none() => {
+                published.push(*sequence);
+                tracing::debug!(
+                    event.id = %wire.event_id,
+                    event.r#type = %wire.event_type,
+                    event.sequence = wire.sequence,
+                    kafka.partition = partition,
+                    kafka.offset = offset,
+                    "event published"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    if !published.is_empty() {
         tx.execute(
-            "UPDATE event_store SET published_at = now() WHERE aggregate_id = $1 AND sequence = $2",
-            &[&aggregate_id, &row.get::<_, i64>(0)],
+            "UPDATE event_store SET published_at = now()
+              WHERE aggregate_id = $1 AND sequence = ANY($2)",
+            &[&aggregate_id, &published],
         )
         .await?;
-        tracing::debug!(
-            event.id = %wire.event_id,
-            event.r#type = %wire.event_type,
-            event.sequence = wire.sequence,
-            kafka.partition = partition,
-            kafka.offset = offset,
-            "event published"
-        );
+    }
+    if let Some(error) = failure {
+        tx.commit().await?;
+        return Err(error.into());
     }
     tx.commit().await?;
     Ok(rows.len())
