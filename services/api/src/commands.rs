@@ -174,6 +174,7 @@ pub(crate) async fn execute(
         )
         .await?;
     }
+    let creates_stream = decision.expected == 0;
     let new_events: Vec<NewEvent> = decision.events.into_iter().map(NewEvent::new).collect();
     event_store::append(
         &*tx,
@@ -197,7 +198,17 @@ pub(crate) async fn execute(
             "injected fault: died after the commit, before publishing".into(),
         ));
     }
-    if !new_events.is_empty() {
+    if creates_stream {
+        let wires: Vec<events::WireEnvelope> = new_events.into_iter().map(|e| e.wire).collect();
+        event_store::publish_new_stream(
+            &state.pool,
+            &state.producer,
+            &state.topics,
+            &wires,
+            EVENT_SOURCE,
+        )
+        .await?;
+    } else if !new_events.is_empty() {
         publish(state, command.aggregate_id).await?;
     }
     Ok(Outcome {

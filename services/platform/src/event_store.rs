@@ -186,8 +186,64 @@ pub async fn append(
     Ok(new_version)
 }
 
-/// Produces every unpublished event of `aggregate_id` in sequence order, each acknowledged before the
-/// next, marking each published. Returns how many it produced.
+/// Publishes the first events of a stream its writer has just created, without the row locks of
+/// [`publish_stream`]: nobody else can append to a stream before its first events are published (its
+/// id is known only to its writer until then), so there is nothing to order against. Same bytes as
+/// stored; on a failure the events stay unpublished for the relay (or a client retry) to publish.
+pub async fn publish_new_stream(
+    pool: &deadpool_postgres::Pool,
+    producer: &EventProducer,
+    topics: &Topics,
+    events: &[events::WireEnvelope],
+    source: &str,
+) -> Result<usize, StoreError> {
+    let Some(first) = events.first() else {
+        return Ok(0);
+    };
+    let aggregate_id = first.aggregate_id;
+    let key = aggregate_id.to_string();
+    let jsons = events
+        .iter()
+        .map(|w| serde_json::to_string(w).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sends = events.iter().zip(&jsons).map(|(wire, json)| {
+        producer.send(
+            topics.for_aggregate(wire.aggregate_type),
+            &key,
+            json.as_bytes(),
+            crate::kafka::headers(wire, source),
+            Duration::from_secs(10),
+        )
+    });
+    let mut published = Vec::new();
+    let mut failure = None;
+    for (wire, ack) in events.iter().zip(futures::future::join_all(sends).await) {
+        match ack {
+            Ok(_) if failure.is_none() => published.push(to_i64(wire.sequence)),
+            Ok(_) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    if !published.is_empty() {
+        pool.get()
+            .await?
+            .execute(
+                "UPDATE event_store SET published_at = now()
+                  WHERE aggregate_id = $1 AND sequence = ANY($2) AND published_at IS NULL",
+                &[&aggregate_id, &published],
+            )
+            .await?;
+    }
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(published.len()),
+    }
+}
+
+/// Produces every unpublished event of `aggregate_id` in sequence order, marking each published.
+/// Returns how many it produced.
 pub async fn publish_stream(
     pool: &deadpool_postgres::Pool,
     producer: &EventProducer,
