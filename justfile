@@ -42,6 +42,7 @@ bench:
     cargo bench -p benches
     scripts/bench-images.sh
     scripts/bench-read.sh
+    scripts/bench-write.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:
