@@ -129,3 +129,41 @@ async fn a_client_request_id_is_kept_only_when_short_and_plain() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn one_address_in_two_unicode_spellings_registers_once_and_invisible_names_are_refused() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let local = Uuid::new_v4().simple().to_string();
+    let composed = format!("zo\u{00eb}{local}@example.com");
+    let decomposed = format!("zoe\u{0308}{local}@example.com");
+    let first = api
+        .post(
+            "/users",
+            &serde_json::json!({"name": "Zoë", "email": composed}),
+        )
+        .await;
+    assert_eq!(first.status(), 201);
+    let second = api
+        .post(
+            "/users",
+            &serde_json::json!({"name": "Zoë", "email": decomposed}),
+        )
+        .await;
+    assert_eq!(
+        second.status(),
+        409,
+        "the same address, spelled differently"
+    );
+    let invisible = api
+        .post(
+            "/users",
+            &serde_json::json!({"name": "\u{200b}\u{2060}", "email": format!("x{local}@example.com")}),
+        )
+        .await;
+    assert_eq!(invisible.status(), 422);
+    let body: serde_json::Value = invisible.json().await.unwrap();
+    assert_eq!(body["errors"][0]["field"], "name");
+    api.stop().await;
+    env.cleanup().await;
+}

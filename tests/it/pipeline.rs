@@ -403,6 +403,9 @@ async fn failures_are_classified_retried_and_parked_with_their_reason() {
         assert!(!failed["reason"].as_str().unwrap().is_empty());
     }
     assert!(images[0]["reason"].as_str().unwrap().contains("404"));
+    // The public reason does not name the internal address it refused.
+    let refused = images[3]["reason"].as_str().unwrap();
+    assert!(!refused.contains("127.0.0"), "{refused}");
     assert!(
         images[2]["reason"]
             .as_str()

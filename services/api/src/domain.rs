@@ -131,12 +131,22 @@ fn text(
     };
     let trimmed = value.trim();
     let chars = trimmed.chars().count();
+    // What a reader sees: zero-width characters and whitespace do not count towards "not blank".
+    let visible = trimmed
+        .chars()
+        .filter(|c| !c.is_whitespace() && !is_zero_width(*c))
+        .count();
     if trimmed
         .chars()
         .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
     {
         errors.push(FieldError::new(name, "must not contain control characters"));
-    } else if chars < min_chars {
+    } else if trimmed.chars().any(is_bidi_control) {
+        errors.push(FieldError::new(
+            name,
+            "must not contain text-direction override characters",
+        ));
+    } else if chars < min_chars || (min_chars > 0 && visible == 0) {
         errors.push(FieldError::new(name, "must not be blank"));
     } else if chars > max_chars {
         errors.push(FieldError::new(
@@ -147,6 +157,20 @@ fn text(
         return Some(trimmed.to_owned());
     }
     None
+}
+
+/// Characters that take no space: text made only of them looks empty.
+fn is_zero_width(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}'
+    )
+}
+
+/// Embeddings, overrides and isolates that make text display in another order than it is stored
+/// (used to disguise names and links).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn uuid_field(fields: &RawFields, name: &str, errors: &mut Vec<FieldError>) -> Option<Uuid> {
@@ -399,6 +423,10 @@ impl NewUser {
         let mut errors = Vec::new();
         let name = text(fields, "name", true, 1, MAX_USER_NAME_CHARS, &mut errors);
         let email = text(fields, "email", true, 1, 254, &mut errors).and_then(|e| {
+            // One spelling per address: "é" typed as one code point or as e + combining accent is the
+            // same address (Unicode NFC), so it registers once.
+            use unicode_normalization::UnicodeNormalization;
+            let e: String = e.nfc().collect();
             if is_plausible_email(&e) {
                 Some(e)
             } else {
@@ -554,6 +582,23 @@ mod tests {
         assert!(
             parse_image_url(&format!("https://x.example/{}", "a".repeat(MAX_URL_LEN))).is_err()
         );
+    }
+
+    #[test]
+    fn names_that_look_empty_or_reorder_themselves_are_refused_and_emails_are_one_spelling() {
+        let errors = NewProduct::parse(&fields(
+            r#"{"product_name":"\u200b\u200d","product_price":"1","product_description":"a\u202egpj.exe"}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            fields_named(&errors),
+            ["product_name", "product_description"]
+        );
+        let composed =
+            NewUser::parse(&fields(r#"{"name":"Zoë","email":"zo\u00eb@example.com"}"#)).unwrap();
+        let decomposed =
+            NewUser::parse(&fields(r#"{"name":"Zoë","email":"zoe\u0308@example.com"}"#)).unwrap();
+        assert_eq!(composed.email, decomposed.email);
     }
 
     #[test]

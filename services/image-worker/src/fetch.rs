@@ -122,10 +122,19 @@ impl AddressPolicy {
     }
 }
 
-/// The error a refused address produces inside reqwest, recognised again when classifying.
+/// The error a refused address produces inside reqwest, recognised again when classifying. Its text
+/// (which becomes the image's public `reason`) does not name the address: that would let anyone map
+/// internal names to addresses. The address goes to the worker's log only.
 #[derive(Debug, thiserror::Error)]
-#[error("refusing to fetch from internal address {0}")]
+#[error("the URL leads to an internal or reserved address, which is never fetched")]
 struct ForbiddenAddress(IpAddr);
+
+impl ForbiddenAddress {
+    fn failure(&self) -> Failure {
+        tracing::warn!(address = %self.0, "image URL refused: internal or reserved address");
+        Failure::permanent("forbidden_address", self.to_string())
+    }
+}
 
 /// DNS resolution that drops nothing silently: if any address of a name is internal and not allowed,
 /// the whole name is refused (a name must not be a way into the internal network).
@@ -218,10 +227,7 @@ impl Fetcher {
         }
         if let Some(ip) = literal_ip(&parsed) {
             if !self.policy.permits(ip) {
-                return Err(Failure::permanent(
-                    "forbidden_address",
-                    ForbiddenAddress(ip).to_string(),
-                ));
+                return Err(ForbiddenAddress(ip).failure());
             }
         }
         let mut response = self.client.get(parsed).send().await.map_err(classify)?;
@@ -268,7 +274,7 @@ fn classify(error: reqwest::Error) -> Failure {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = source {
         if let Some(forbidden) = e.downcast_ref::<ForbiddenAddress>() {
-            return Failure::permanent("forbidden_address", forbidden.to_string());
+            return forbidden.failure();
         }
         source = e.source();
     }
