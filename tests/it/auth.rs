@@ -1,40 +1,12 @@
 //! Who may change what: API keys, JWTs from an identity provider, ownership, rate limits, the actor
 //! on every event, and no secret in any log line.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApi, TestEnv};
-
-/// Everything the services log during a test, at every level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Captures all logs of this test process (nextest runs each test in its own process).
-fn capture_logs() -> Captured {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("trace,h2=info,hyper=info,rustls=info,reqwest=info,tokio_postgres=info")
-        .with_writer(move || writer.clone())
-        .try_init();
-    captured
-}
+use crate::helpers::{TestApi, TestEnv, capture_logs};
 
 /// An HTTP client without credentials.
 fn anonymous() -> reqwest::Client {
@@ -236,7 +208,7 @@ async fn writes_need_a_valid_credential_of_the_owner_and_no_secret_is_ever_logge
     projector.stop().await;
     api.stop().await;
     second.stop().await;
-    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let logged = logs.text();
     assert!(logged.contains("API key revoked"), "logs are captured");
     for secret in [
         ada_key.as_str(),

@@ -311,3 +311,77 @@ async fn concurrent_misses_share_one_database_read() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
+    let logs = crate::helpers::capture_logs();
+    let env = TestEnv::new().await;
+    let projector = env.spawn_projector();
+    // A private Redis that the test can pause (SIGSTOP): connections stay open, nothing answers.
+    let port = crate::procs::free_port();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let redis = Killed(redis);
+    let mut config = env.api_config();
+    config.cache.redis_url = format!("redis://127.0.0.1:{port}");
+    let api = env.spawn_api_with(config).await;
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/products/{}", created["id"].as_str().unwrap());
+    eventually("the entry is cached", || async {
+        (get(&api, &path).await.1 == "hit").then_some(())
+    })
+    .await;
+
+    crate::procs::signal(redis.0.id(), "STOP");
+    for _ in 0..40 {
+        let (status, _, body) = get(&api, &path).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, created);
+    }
+    crate::procs::signal(redis.0.id(), "CONT");
+    let logged = logs.text();
+    let timeouts = logged
+        .matches("cache unavailable; reading PostgreSQL")
+        .count();
+    assert!(logged.contains("circuit opened"), "the breaker opened");
+    // Without the breaker every one of the 40 reads waits for a timeout; with it, the threshold (3)
+    // plus one probe per cool-down (1 s) while the reads run.
+    assert!(timeouts <= 10, "{timeouts} reads waited for Redis");
+    // Redis back: the breaker closes after a probe and reads hit the cache again.
+    eventually("reads use Redis again", || async {
+        (get(&api, &path).await.1 != "bypass").then_some(())
+    })
+    .await;
+    drop(redis);
+    api.stop().await;
+    projector.stop().await;
+    env.cleanup().await;
+}

@@ -321,6 +321,39 @@ impl TestEnv {
     }
 }
 
+/// Everything the services log during a test, at every level (see [`capture_logs`]).
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Captures all logs of this test process (nextest runs each test in its own process); call it before
+/// `TestEnv::new`, which otherwise installs its own subscriber.
+pub fn capture_logs() -> Captured {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("trace,h2=info,hyper=info,rustls=info,reqwest=info,tokio_postgres=info")
+        .with_writer(move || writer.clone())
+        .try_init();
+    captured
+}
+
 /// The admin key every test API accepts (its digest is configured by `api_config`).
 pub const TEST_ADMIN_KEY: &str = "cat_test_admin_key_for_the_integration_tests_only";
 

@@ -235,6 +235,8 @@ pub async fn product(
                 return Ok(Some((r, Source::Hit)));
             }
             Ok(_) => cache_up = true,
+            // Skipped calls are not news: the breaker logged when it opened.
+            Err(platform::cache::CacheError::CircuitOpen) => {}
             Err(error) => tracing::warn!(%error, "cache unavailable; reading PostgreSQL"),
         }
     }

@@ -50,6 +50,20 @@ pub struct CacheConfig {
         default_value = "catalog:"
     )]
     pub cache_key_prefix: String,
+    /// Failed or timed-out Redis calls in a row that open the circuit (calls are then skipped).
+    #[arg(
+        long = "cache-breaker-failures",
+        env = "CACHE_BREAKER_FAILURES",
+        default_value_t = 3
+    )]
+    pub cache_breaker_failures: u32,
+    /// How long an open circuit skips Redis before one call probes it again, in milliseconds.
+    #[arg(
+        long = "cache-breaker-cool-down-ms",
+        env = "CACHE_BREAKER_COOL_DOWN_MS",
+        default_value_t = 1000
+    )]
+    pub cache_breaker_cool_down_ms: u64,
 }
 
 impl std::fmt::Debug for CacheConfig {
@@ -86,6 +100,9 @@ pub enum CacheError {
     /// Redis did not answer in time (or is not connected).
     #[error("redis did not answer in time")]
     Timeout,
+    /// The circuit breaker is open: the call was skipped without trying.
+    #[error("redis calls are skipped for a while (circuit open)")]
+    CircuitOpen,
     /// The entry is not of the expected shape.
     #[error("malformed cache entry")]
     Malformed,
@@ -125,6 +142,7 @@ pub struct ProductCache {
     prefix: String,
     ttl_secs: u64,
     timeout: Duration,
+    breaker: std::sync::Arc<crate::breaker::CircuitBreaker>,
 }
 
 impl ProductCache {
@@ -152,6 +170,11 @@ impl ProductCache {
             prefix: cfg.cache_key_prefix.clone(),
             ttl_secs: cfg.cache_ttl_secs,
             timeout,
+            breaker: std::sync::Arc::new(crate::breaker::CircuitBreaker::new(
+                "redis",
+                cfg.cache_breaker_failures,
+                Duration::from_millis(cfg.cache_breaker_cool_down_ms),
+            )),
         }))
     }
 
@@ -168,10 +191,15 @@ impl ProductCache {
         if !self.client.next().is_connected() {
             return Err(CacheError::Timeout);
         }
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(CacheError::Timeout),
+        if !self.breaker.allow() {
+            return Err(CacheError::CircuitOpen);
         }
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(CacheError::from),
+            Err(_) => Err(CacheError::Timeout),
+        };
+        self.breaker.record(result.is_ok());
+        result
     }
 
     /// The cached representation of product `id` and its version, if any.

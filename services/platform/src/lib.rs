@@ -3,6 +3,7 @@
 //! Each service composes its configuration from the pieces here, initialises telemetry once, and gets
 //! its PostgreSQL pool and Kafka clients from here, so that every process is set up the same way.
 
+pub mod breaker;
 pub mod cache;
 pub mod config;
 pub mod db;

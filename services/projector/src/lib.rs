@@ -47,6 +47,9 @@ async fn invalidate(cache: &platform::cache::ProductCache, changed: &[(uuid::Uui
         for attempt in 1..=3 {
             match cache.invalidate(id, version).await {
                 Ok(()) => break,
+                // Redis is known to be away: don't spend retries on it; entries expire by TTL, and
+                // the floor is raised at the product's next change.
+                Err(platform::cache::CacheError::CircuitOpen) => break,
                 Err(error) if attempt == 3 => {
                     tracing::error!(%error, product.id = %id, version, "cannot invalidate cache entry; it expires with its TTL");
                 }
