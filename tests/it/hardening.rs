@@ -167,3 +167,78 @@ async fn one_address_in_two_unicode_spellings_registers_once_and_invisible_names
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reads_are_shed_with_retry_after_and_never_starve_writes() {
+    let env = TestEnv::new().await;
+    let projector = env.spawn_projector();
+    let mut config = env.api_config();
+    config.read_pool_size = 2;
+    config.pool_wait_ms = 300;
+    let api = env.spawn_api_with(config).await;
+    let user = api.create_user().await;
+    let created: serde_json::Value = api
+        .post("/products", &crate::helpers::product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/products?user_id={user}");
+    assert_eq!(api.get(&path).await.status(), 200);
+
+    // PostgreSQL turns slow for reads of products: a lock held by another session.
+    let mut locker = env.pg().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let http = api.http.clone();
+            let url = api.url(&path);
+            tokio::spawn(async move {
+                let r = http.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.headers().get("retry-after").cloned())
+            })
+        })
+        .collect();
+    // Meanwhile writes go on: they have connections of their own.
+    let write = api
+        .post("/products", &crate::helpers::product_body(&user))
+        .await;
+    assert_eq!(write.status(), 201, "a write while reads pile up");
+    // Reads beyond the two that hold the read connections are shed after the bounded wait, while the
+    // two wait for the lock.
+    eventually(
+        "the reads that found no connection are answered",
+        || async { (reads.iter().filter(|r| r.is_finished()).count() >= 6).then_some(()) },
+    )
+    .await;
+    let (done, blocked): (Vec<_>, Vec<_>) = reads.into_iter().partition(|r| r.is_finished());
+    for read in done {
+        let (status, retry_after) = read.await.unwrap();
+        assert_eq!(status, 503, "shed, not queued");
+        assert!(retry_after.is_some(), "503 says when to retry");
+    }
+    tx.rollback().await.unwrap();
+    for read in blocked {
+        assert_eq!(
+            read.await.unwrap().0,
+            200,
+            "the reads that held a connection finish"
+        );
+    }
+    eventually("reads are served again", || async {
+        (api.get(&path).await.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        api.get(&format!("/products/{}", created["id"].as_str().unwrap()))
+            .await
+            .status(),
+        200
+    );
+    api.stop().await;
+    projector.stop().await;
+    env.cleanup().await;
+}

@@ -22,6 +22,14 @@ pub struct Config {
     /// Longest a request may take before it is answered 503, in milliseconds.
     #[arg(long, env = "API_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
     pub request_timeout_ms: u64,
+    /// Longest a request waits for a pooled PostgreSQL connection before it is answered 503 with
+    /// `Retry-After`, in milliseconds (load shedding instead of an unbounded queue).
+    #[arg(long, env = "API_POOL_WAIT_MS", default_value_t = 1_000)]
+    pub pool_wait_ms: u64,
+    /// Connections reserved for reads (a pool of their own, so reads never starve writes or the
+    /// reverse); 0 means `DB_POOL_SIZE`.
+    #[arg(long, env = "API_READ_POOL_SIZE", default_value_t = 0)]
+    pub read_pool_size: usize,
     /// How long `GET /products/{id}` and `GET /users/{id}` wait for the projection to catch up with a
     /// command this API accepted (read-your-writes), in milliseconds.
     #[arg(long, env = "API_READ_WAIT_MS", default_value_t = 2_000)]

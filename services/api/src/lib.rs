@@ -203,14 +203,21 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         platform::db::ensure_database(&config.db).await?;
         platform::db::migrate(&config.db).await?;
     }
-    let pool = platform::db::pool(&config.db)?;
+    let wait = Duration::from_millis(config.pool_wait_ms);
+    let pool = platform::db::pool_sized(&config.db, config.db.pool_size, wait)?;
     platform::db::ping(&pool).await?;
+    let read_pool_size = match config.read_pool_size {
+        0 => config.db.pool_size,
+        n => n,
+    };
+    let read_pool = platform::db::pool_sized(&config.db, read_pool_size, wait)?;
     if config.kafka.create_topics {
         platform::kafka::ensure_topics(&config.kafka).await?;
     }
     let producer = platform::kafka::EventProducer::new(&config.kafka, "catalog-api")?;
     Ok(AppState::new(state::Shared {
         pool,
+        read_pool,
         producer,
         topics: Arc::new(config.kafka.topics()),
         read_wait: Duration::from_millis(config.read_wait_ms),

@@ -306,7 +306,7 @@ async fn load(
     sent_at: &AtomicU64,
 ) -> Result<Projected<Representation>, ApiError> {
     let projected = query::projected(
-        &state.pool,
+        &state.read_pool,
         "products",
         PRODUCT_COLUMNS,
         id,

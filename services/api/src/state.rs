@@ -29,8 +29,11 @@ impl std::ops::Deref for AppState {
 
 /// What every request shares.
 pub struct Shared {
-    /// Connections to the projection and the command log.
+    /// Connections for commands (the event store, the command log, credentials).
     pub pool: Pool,
+    /// Connections for reads of the projection: a pool of their own, so a flood of reads (or slow
+    /// ones) never takes the connections writes need, and the reverse.
+    pub read_pool: Pool,
     /// The event producer (idempotent, acks=all; replaced after a fatal error).
     pub producer: platform::kafka::EventProducer,
     /// Event topic names.

@@ -100,6 +100,12 @@ async fn connect(cfg: &DbConfig, dbname: &str) -> Result<tokio_postgres::Client,
 ///
 /// Connections are opened lazily; call [`ping`] to fail fast when the server is unreachable.
 pub fn pool(cfg: &DbConfig) -> Result<Pool, DbError> {
+    pool_sized(cfg, cfg.pool_size, cfg.timeout())
+}
+
+/// A pool of `size` connections whose checkout waits at most `wait` (then the caller answers 503
+/// rather than queueing without bound).
+pub fn pool_sized(cfg: &DbConfig, size: usize, wait: std::time::Duration) -> Result<Pool, DbError> {
     let manager = Manager::from_config(
         pg_config(cfg, &cfg.name),
         NoTls,
@@ -108,9 +114,9 @@ pub fn pool(cfg: &DbConfig) -> Result<Pool, DbError> {
         },
     );
     Ok(Pool::builder(manager)
-        .max_size(cfg.pool_size)
+        .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(cfg.timeout()))
+        .wait_timeout(Some(wait))
         .create_timeout(Some(cfg.timeout()))
         .recycle_timeout(Some(cfg.timeout()))
         .build()?)

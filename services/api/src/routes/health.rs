@@ -16,24 +16,34 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-/// The process is up, serving HTTP, and not wedged: 503 when every pooled PostgreSQL connection is
-/// checked out and none comes back within the pool's checkout timeout (connections held by work that
-/// never ends; a restart is the cure). PostgreSQL being down is a readiness matter, not liveness.
+/// The process is up, serving HTTP, and not wedged: 503 when every connection of a pool is checked
+/// out and none comes back within `DB_TIMEOUT_MS` (connections held by work that never ends; a restart
+/// is the cure). A busy pool (requests shed after `API_POOL_WAIT_MS`) is not wedged, and PostgreSQL
+/// being down is a readiness matter, not liveness.
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    use deadpool_postgres::{PoolError, TimeoutType};
-    match state.pool.get().await {
-        Err(PoolError::Timeout(TimeoutType::Wait)) if state.pool.status().available == 0 => {
-            tracing::error!(
-                pool.size = state.pool.status().size,
-                "every database connection is held and none came back: wedged"
-            );
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "wedged", "reason": "no database connection came back" })),
-            )
+    use deadpool_postgres::{PoolError, TimeoutType, Timeouts};
+    let timeouts = Timeouts {
+        wait: Some(state.db_timeout),
+        ..Timeouts::default()
+    };
+    for (name, pool) in [("commands", &state.pool), ("reads", &state.read_pool)] {
+        if let Err(PoolError::Timeout(TimeoutType::Wait)) = pool.timeout_get(&timeouts).await {
+            if pool.status().available == 0 {
+                tracing::error!(
+                    pool.name = name,
+                    pool.size = pool.status().size,
+                    "every database connection is held and none came back: wedged"
+                );
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(
+                        json!({ "status": "wedged", "reason": "no database connection came back" }),
+                    ),
+                );
+            }
         }
-        _ => (StatusCode::OK, Json(json!({ "status": "ok" }))),
     }
+    (StatusCode::OK, Json(json!({ "status": "ok" })))
 }
 
 /// PostgreSQL and the Kafka brokers answer, the producer can send and the event topics exist; 503

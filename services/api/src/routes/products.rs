@@ -462,7 +462,7 @@ fn positive(raw: &str, field: &str) -> Result<u64, ApiError> {
 
 /// The product as it was right after event `version`: its history folded up to there.
 async fn product_as_of(state: &AppState, id: Uuid, version: u64) -> Result<ProductState, ApiError> {
-    let client = state.pool.get().await?;
+    let client = state.read_pool.get().await?;
     let bound = i64::try_from(version).unwrap_or(i64::MAX);
     let rows = client
         .query(
@@ -525,7 +525,7 @@ async fn list_events(
                 )])
             })?,
     };
-    let client = state.pool.get().await?;
+    let client = state.read_pool.get().await?;
     let after_bound = i64::try_from(after).unwrap_or(i64::MAX);
     let rows = client
         .query(
@@ -711,7 +711,7 @@ async fn list_products(
         Some(c) => (Some(c.created_at), Some(c.id)),
         None => (None, None),
     };
-    let client = state.pool.get().await?;
+    let client = state.read_pool.get().await?;
     let statement = client
         .prepare_cached(&format!(
             "SELECT {PRODUCT_COLUMNS} FROM products

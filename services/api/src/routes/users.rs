@@ -187,7 +187,16 @@ async fn get_user(
         state.read_wait,
         0,
         |u: &UserState| u.version,
-        || query::projected(&state.pool, "users", USER_COLUMNS, id, user_from_row, || ()),
+        || {
+            query::projected(
+                &state.read_pool,
+                "users",
+                USER_COLUMNS,
+                id,
+                user_from_row,
+                || (),
+            )
+        },
     )
     .await?
     .map(Json)
