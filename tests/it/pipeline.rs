@@ -601,3 +601,47 @@ async fn a_worker_killed_mid_job_leaves_every_job_processed_once() {
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_image_store_sends_jobs_to_the_retry_ladder_at_once() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    // An "S3" that accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_url = format!("http://{}", hung.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let mut config = env.worker_config();
+    config.store.endpoint = hung_url;
+    config.store.store_timeout_ms = 300;
+    config.store.store_breaker_cool_down_ms = 60_000;
+    let worker = env.spawn_worker_with(config);
+    let user = api.create_user().await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(create_product(&api, &user, &[server.url(&format!("/photo/s3-{n}.jpg"))]).await);
+    }
+    let mut reasons = Vec::new();
+    for id in &ids {
+        let product = settled(&api, id, 3).await;
+        let image = &product["images"][0];
+        assert_eq!(image["status"], "failed", "{product}");
+        assert_eq!(image["error_class"], "storage");
+        reasons.push(image["reason"].as_str().unwrap().to_owned());
+    }
+    // After a few timeouts the store is skipped: jobs stop waiting for it.
+    assert!(
+        reasons.iter().any(|r| r.contains("circuit is open")),
+        "{reasons:?}"
+    );
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -64,6 +64,21 @@ pub struct StoreConfig {
         default_value = ""
     )]
     pub public_base_url: String,
+    /// Longest one store call may take, in milliseconds; then the image goes to the retry ladder.
+    #[arg(
+        long = "image-store-timeout-ms",
+        env = "IMAGE_STORE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub store_timeout_ms: u64,
+    /// How long the store is skipped after 3 failed or timed-out calls in a row (circuit open; jobs go
+    /// to the retry ladder at once), in milliseconds.
+    #[arg(
+        long = "image-store-breaker-cool-down-ms",
+        env = "IMAGE_STORE_BREAKER_COOL_DOWN_MS",
+        default_value_t = 5_000
+    )]
+    pub store_breaker_cool_down_ms: u64,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -78,7 +93,8 @@ impl std::fmt::Debug for StoreConfig {
             .field("secret_access_key", &"<redacted>")
             .field("key_prefix", &self.key_prefix)
             .field("public_base_url", &self.public_base_url)
-            .finish()
+            .field("store_timeout_ms", &self.store_timeout_ms)
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,6 +104,8 @@ pub struct ImageStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     public_base: String,
+    timeout: std::time::Duration,
+    breaker: Arc<platform::breaker::CircuitBreaker>,
 }
 
 impl ImageStore {
@@ -133,6 +151,12 @@ impl ImageStore {
             store,
             prefix: cfg.key_prefix.clone(),
             public_base,
+            timeout: std::time::Duration::from_millis(cfg.store_timeout_ms),
+            breaker: Arc::new(platform::breaker::CircuitBreaker::new(
+                "image store",
+                3,
+                std::time::Duration::from_millis(cfg.store_breaker_cool_down_ms),
+            )),
         })
     }
 
@@ -153,9 +177,44 @@ impl ImageStore {
         format!("{}/{}", self.public_base, key)
     }
 
+    /// Runs one store call bounded by the timeout and guarded by the circuit breaker: while the
+    /// store keeps failing, calls fail at once (retryable), so jobs go to the retry ladder instead of
+    /// each waiting for its own timeout. `answered` says which outcomes count as the store answering.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, object_store::Error>>,
+        answered: impl Fn(&Result<T, object_store::Error>) -> bool,
+    ) -> Result<Result<T, object_store::Error>, Failure> {
+        if !self.breaker.allow() {
+            return Err(Failure::retryable(
+                "storage",
+                "the image store is unavailable (skipped while its circuit is open)",
+            ));
+        }
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => {
+                self.breaker.record(answered(&result));
+                Ok(result)
+            }
+            Err(_) => {
+                self.breaker.record(false);
+                Err(Failure::retryable(
+                    "storage",
+                    "the image store did not answer in time",
+                ))
+            }
+        }
+    }
+
     /// Size of the object at `key`, or `None` if there is none.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, Failure> {
-        match self.store.head(&Path::from(key)).await {
+        let answered = |r: &Result<_, object_store::Error>| {
+            matches!(r, Ok(_) | Err(object_store::Error::NotFound { .. }))
+        };
+        match self
+            .guarded(self.store.head(&Path::from(key)), answered)
+            .await?
+        {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Failure::retryable("storage", format!("image store: {e}"))),
@@ -169,11 +228,12 @@ impl ImageStore {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        match self
-            .store
-            .put_opts(&Path::from(key), PutPayload::from(bytes), options)
-            .await
-        {
+        let answered = |r: &Result<_, object_store::Error>| {
+            matches!(r, Ok(_) | Err(object_store::Error::AlreadyExists { .. }))
+        };
+        let path = Path::from(key);
+        let put = self.store.put_opts(&path, PutPayload::from(bytes), options);
+        match self.guarded(put, answered).await? {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(Failure::retryable("storage", format!("image store: {e}"))),
