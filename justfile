@@ -43,6 +43,7 @@ bench:
     scripts/bench-images.sh
     scripts/bench-read.sh
     scripts/bench-write.sh
+    scripts/bench-faults.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:
