@@ -3,23 +3,11 @@
 # GET /products/:id at the same concurrency with Redis healthy, with Redis disabled (REDIS_URL empty) and
 # with Redis hung (a private redis-server paused by SIGSTOP, connections open; measured after its first
 # second). Prints a markdown table and hung/disabled (target >= 0.9). Needs wrk and redis-server.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-C="${BENCH_CONNECTIONS:-32}"
-D="${BENCH_SECONDS:-10}"
-target="${CARGO_TARGET_DIR:-$root/target}"
-bin="$target/release"
-tmp="$(mktemp -d)"
-pids=()
+source "$(dirname "${BASH_SOURCE[0]}")/bench-common.sh"
 redis_pid=""
-cleanup() {
-    [ -n "$redis_pid" ] && kill -CONT "$redis_pid" 2>/dev/null || true
-    kill "${pids[@]}" $redis_pid 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
+bench_cleanup_extra() {
+    if [ -n "$redis_pid" ]; then kill -CONT "$redis_pid" 2>/dev/null || true; kill "$redis_pid" 2>/dev/null || true; fi
 }
-trap cleanup EXIT
 
 command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
 scripts/check-services.sh
@@ -45,15 +33,6 @@ id=$(curl -fs -X POST http://127.0.0.1:18095/products -H "Authorization: Bearer 
     -d '{"product_name":"Walnut desk","product_price":"349.90"}' | sed 's/.*"id":"\([^"]*\)".*/\1/')
 curl -fs "http://127.0.0.1:18095/products/$id" >/dev/null   # projected and cached
 
-to_ms() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'; }
-run_wrk() {
-    wrk -t2 -c"$C" -d"${D}s" --latency "$1" >"$tmp/wrk.txt"
-    local rps p50 p99
-    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$tmp/wrk.txt")
-    p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
-    p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
-    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
-}
 healthy=$(run_wrk "http://127.0.0.1:18095/products/$id")
 disabled=$(run_wrk "http://127.0.0.1:18096/products/$id")
 kill -STOP "$redis_pid"
@@ -65,7 +44,7 @@ kill -CONT "$redis_pid"
 echo "| Redis ($C connections, ${D} s) | req/s | p50 ms | p99 ms |"
 echo "|---|---|---|---|"
 for row in "healthy:$healthy" "disabled (REDIS_URL empty):$disabled" "hung (SIGSTOP), after the first second:$hung"; do
-    read -r rps p50 p99 <<<"${row#*:}"
+    read -r rps p50 p99 _ <<<"${row#*:}"
     echo "| ${row%%:*} | $rps | $p50 | $p99 |"
 done
 read -r hung_rps _ <<<"$hung"

@@ -3,17 +3,7 @@
 # ceiling serving a static body of the same size (c), raw Redis GET (d) and raw PostgreSQL primary-key
 # select (e), all at the same concurrency on this machine, in one run. Prints a markdown table and the
 # ratios a/c, b/e, a/b. Needs wrk, redis-benchmark and pgbench (installed from Debian when missing).
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-C="${BENCH_CONNECTIONS:-32}"
-D="${BENCH_SECONDS:-10}"
-target="${CARGO_TARGET_DIR:-$root/target}"
-bin="$target/release"
-tmp="$(mktemp -d)"
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/bench-common.sh"
 
 for tool in wrk redis-benchmark pgbench; do
     command -v "$tool" >/dev/null || apt-get install -y -qq wrk redis-tools postgresql-client >/dev/null
@@ -47,18 +37,6 @@ for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:18082/products/$id" >/dev/n
 curl -fs "http://127.0.0.1:18080/products/$id" >/dev/null   # warm the cache entry
 size=$(wc -c <"$tmp/body.json")
 
-# wrk → "rps p50_ms p99_ms"
-run_wrk() {
-    wrk -t2 -c"$C" -d"${D}s" --latency "$1" >"$tmp/wrk.txt"
-    local rps p50 p99
-    rps=$(awk '/Requests\/sec/ {print $2}' "$tmp/wrk.txt")
-    p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
-    p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
-    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
-}
-to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
-    awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
-}
 
 curl -fs "http://127.0.0.1:18083/products/$id" >/dev/null
 # Each HTTP variant runs twice, in opposite orders, and the two runs are averaged: on a shared 2-core

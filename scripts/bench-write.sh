@@ -5,17 +5,7 @@
 #     each acknowledged before the next, as a POST does (benches/bin/produce_ceiling.rs);
 #   - database: pgbench inserting the same command row into api_commands.
 # Prints a markdown table and the ratios. Needs wrk and pgbench (installed from Debian when missing).
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-C="${BENCH_CONNECTIONS:-32}"
-D="${BENCH_SECONDS:-10}"
-target="${CARGO_TARGET_DIR:-$root/target}"
-bin="$target/release"
-tmp="$(mktemp -d)"
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/bench-common.sh"
 
 for tool in wrk pgbench; do
     command -v "$tool" >/dev/null || apt-get install -y -qq wrk postgresql-client >/dev/null
@@ -63,20 +53,8 @@ wrk.headers["Authorization"] = "Bearer $key"
 wrk.body = '$body'
 LUA
 
-to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
-    awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
-}
-run_wrk() { # script url → "rps p50_ms p99_ms non2xx"
-    wrk -t2 -c"$C" -d"${D}s" --latency -s "$1" "$2" >"$tmp/wrk.txt"
-    local rps p50 p99 bad
-    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$tmp/wrk.txt")
-    p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
-    p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
-    bad=$(awk '/Non-2xx/ {print $5}' "$tmp/wrk.txt")
-    echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${bad:-0}"
-}
-post=$(run_wrk "$tmp/post.lua" http://127.0.0.1:18090/products)
-patch=$(run_wrk "$tmp/patch.lua" http://127.0.0.1:18090)
+post=$(run_wrk -s "$tmp/post.lua" http://127.0.0.1:18090/products)
+patch=$(run_wrk -s "$tmp/patch.lua" http://127.0.0.1:18090)
 
 # Broker ceiling: the same event bytes, two acknowledged appends per request, same concurrency.
 psql -h 127.0.0.1 -U postgres -d catalog_bench -Atc "SELECT envelope FROM bench_write.event_store ORDER BY recorded_at LIMIT 1" >"$tmp/event.json"

@@ -1,0 +1,33 @@
+# Shared by the HTTP benchmarks (sourced): settings, a scratch directory, cleanup of the processes
+# they start, and wrk's summary as "req/s p50_ms p99_ms non_2xx".
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+C="${BENCH_CONNECTIONS:-32}"
+D="${BENCH_SECONDS:-10}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target/release"
+tmp="$(mktemp -d)"
+pids=()
+cleanup() {
+    if declare -F bench_cleanup_extra >/dev/null; then bench_cleanup_extra; fi
+    kill "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+to_ms() { # wrk prints 812.00us / 1.20ms / 1.01s
+    awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.2f", n }'
+}
+
+# wrk ARGS... → "req/s p50_ms p99_ms non_2xx" (always with --latency, C connections, D seconds)
+run_wrk() {
+    wrk -t2 -c"$C" -d"${D}s" --latency "$@" >"$tmp/wrk.txt"
+    local rps p50 p99 bad
+    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$tmp/wrk.txt")
+    p50=$(awk '$1=="50%" {print $2}' "$tmp/wrk.txt")
+    p99=$(awk '$1=="99%" {print $2}' "$tmp/wrk.txt")
+    bad=$(awk '/Non-2xx/ {print $5}' "$tmp/wrk.txt")
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${bad:-0}"
+}
