@@ -2,8 +2,8 @@
 //!
 //! At least once, made idempotent: a job's outputs (stored objects, dead letters, the next retry, the
 //! `ImagesProcessed` event) are produced and acknowledged before the input offset is committed. A crash
-//! in between re-runs the job: the objects are content-addressed (`PutMode::Create`), and the event has
-//! the id its sequence implies, so nothing changes downstream.
+//! in between re-runs the job: the objects are content-addressed (`PutMode::Create`), and the event store
+//! accepts one `ImagesProcessed` per request (its `causation_id`), so nothing changes downstream.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
