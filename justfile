@@ -44,6 +44,7 @@ bench:
     scripts/bench-read.sh
     scripts/bench-write.sh
     scripts/bench-faults.sh
+    scripts/bench-latency.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:

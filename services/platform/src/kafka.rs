@@ -237,6 +237,7 @@ fn consumer_config(cfg: &KafkaConfig, group_id: &str, client_id: &str) -> Client
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
         // For GroupHealth: librdkafka reports the group join state once a second.
         .set("statistics.interval.ms", "1000");
     c

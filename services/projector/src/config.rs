@@ -19,8 +19,9 @@ pub struct Config {
     /// Most events applied in one PostgreSQL transaction.
     #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// Longest wait for more events once a batch has its first one, in milliseconds.
-    #[arg(long, env = "PROJECTOR_BATCH_WAIT_MS", default_value_t = 20)]
+    /// Longest wait for more events once a batch has its first one, in milliseconds. 0: a batch is what
+    /// the consumer already holds (under load that is already a full batch; idle, no event waits).
+    #[arg(long, env = "PROJECTOR_BATCH_WAIT_MS", default_value_t = 0)]
     pub batch_wait_ms: u64,
     /// Apply pending SQL migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", default_value_t = false, action = clap::ArgAction::Set)]
