@@ -153,7 +153,7 @@ impl TestEnv {
                 "--retry-delays-ms",
                 "200,400",
                 "--fetch-timeout-ms",
-                "1000",
+                "2000",
                 "--fetch-allow-networks",
                 "127.0.0.1/32",
                 "--image-store",

@@ -88,8 +88,23 @@ fn jpeg_response(bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response()
 }
 
+/// Photos are generated once per name (encoding one is the slowest thing the test server does, and jobs
+/// that are retried or re-run fetch the same name again).
 async fn photo(Path(name): Path<String>) -> Response {
-    jpeg_response(jpeg(1600, 1200, seed(&name)))
+    static PHOTOS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    let photos = PHOTOS.get_or_init(Default::default);
+    if let Some(bytes) = photos.lock().unwrap().get(&name).cloned() {
+        return jpeg_response(bytes);
+    }
+    let bytes = tokio::task::spawn_blocking({
+        let name = name.clone();
+        move || jpeg(1600, 1200, seed(&name))
+    })
+    .await
+    .unwrap();
+    photos.lock().unwrap().insert(name, bytes.clone());
+    jpeg_response(bytes)
 }
 
 async fn flaky(State(s): State<ServerState>, Path(name): Path<String>) -> Response {
@@ -639,6 +654,92 @@ async fn a_hung_image_store_sends_jobs_to_the_retry_ladder_at_once() {
     assert!(
         reasons.iter().any(|r| r.contains("circuit is open")),
         "{reasons:?}"
+    );
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_worker_cannot_read_are_kept_with_their_reason_not_dropped() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let worker_config = env.worker_config();
+    let topics =
+        image_worker::PipelineTopics::new(&env.kafka(), worker_config.retry_delays_ms.len());
+    let worker = env.spawn_worker_with(worker_config);
+    let producer = platform::kafka::producer(&env.kafka(), "test").unwrap();
+    let marked = |ce_type: &str| {
+        crate::helpers::fixture_headers().insert(rdkafka::message::Header {
+            key: "ce_type",
+            value: Some(ce_type),
+        })
+    };
+    let garbage = [
+        // Claims to be a job and is not readable: kept.
+        (
+            topics.products.clone(),
+            b"{\"event_type\":\"ImagesRequested\"".to_vec(),
+            marked("ImagesRequested"),
+        ),
+        // Another consumer's business (an event type of the future): not the worker's, not kept.
+        (
+            topics.products.clone(),
+            b"{}".to_vec(),
+            marked("ProductRenamed"),
+        ),
+        // A garbled retry message: kept.
+        (
+            topics.retries[0].clone(),
+            b"not a job".to_vec(),
+            crate::helpers::fixture_headers(),
+        ),
+    ];
+    for (topic, payload, headers) in &garbage {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(topic)
+                    .key("garbage")
+                    .payload(payload)
+                    .headers(headers.clone()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    // The worker goes on with real jobs after them (a product without images still gets its answer).
+    let user = api.create_user().await;
+    let id = create_product(&api, &user, &[]).await;
+    assert_eq!(settled(&api, &id, 3).await["version"], 3);
+    let kept = eventually("unreadable messages are kept", || async {
+        let rows = env
+            .pg()
+            .await
+            .query(
+                "SELECT topic, reason FROM pipeline_rejected ORDER BY topic",
+                &[],
+            )
+            .await
+            .ok()?;
+        (rows.len() >= 2).then(|| {
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(
+        kept.iter()
+            .any(|(t, r)| *t == topics.products && r.contains("malformed")),
+        "{kept:?}"
+    );
+    assert!(
+        kept.iter()
+            .any(|(t, r)| *t == topics.retries[0] && r.contains("not an image job")),
+        "{kept:?}"
     );
     worker.stop().await;
     projector.stop().await;

@@ -400,24 +400,34 @@ fn header_text(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Reads a job from a consumed message: an `ImagesRequested` from the products topic, or a job on a
-/// retry topic. `None` for anything else (other event types are not this worker's business).
-fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Option<(Job, Origin)> {
-    let payload = message.payload()?;
+/// What a consumed message is to this worker.
+enum Read {
+    /// A job: an `ImagesRequested` from the products topic, or a job on a retry topic.
+    Job(Box<Job>, Origin),
+    /// Another event type: not this worker's business.
+    NotOurs,
+    /// A message this worker should read and cannot: kept in `pipeline_rejected` with the reason.
+    Unreadable(String),
+}
+
+/// Reads a job from a consumed message.
+fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Read {
+    let Some(payload) = message.payload() else {
+        return Read::Unreadable("the message has no payload".into());
+    };
     if message.topic() == topics.products {
         if header_text(message, events::header_names::TYPE).is_some_and(|t| t != "ImagesRequested")
         {
-            return None;
+            return Read::NotOurs;
         }
         let envelope = match Envelope::<ProductEvent>::from_json(payload) {
             Ok(e) => e,
-            Err(error) => {
-                tracing::debug!(%error, "not a product event this worker can read; skipped");
-                return None;
-            }
+            // A type this build does not know is for other readers; anything else could be a job.
+            Err(events::DecodeError::UnknownEventType { .. }) => return Read::NotOurs,
+            Err(error) => return Read::Unreadable(error.to_string()),
         };
         let ProductEvent::ImagesRequested(request) = &envelope.event else {
-            return None;
+            return Read::NotOurs;
         };
         let job = Job {
             product_id: envelope.aggregate_id,
@@ -434,14 +444,11 @@ fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Option<(Job, Ori
             partition: message.partition(),
             offset: message.offset(),
         };
-        Some((job, origin))
+        Read::Job(Box::new(job), origin)
     } else {
         let job: Job = match serde_json::from_slice(payload) {
             Ok(job) => job,
-            Err(error) => {
-                tracing::error!(%error, kafka.topic = message.topic(), kafka.offset = message.offset(), "unreadable retry message; skipped");
-                return None;
-            }
+            Err(error) => return Read::Unreadable(format!("not an image job: {error}")),
         };
         let origin = Origin {
             topic: header_text(message, headers::ORIGINAL_TOPIC)
@@ -453,8 +460,40 @@ fn job_from(message: &OwnedMessage, topics: &PipelineTopics) -> Option<(Job, Ori
                 .and_then(|o| o.parse().ok())
                 .unwrap_or(-1),
         };
-        Some((job, origin))
+        Read::Job(Box::new(job), origin)
     }
+}
+
+/// Keeps an unreadable message in `pipeline_rejected` (idempotent by position).
+async fn reject(ctx: &Context, message: &OwnedMessage, reason: &str) -> Result<(), JobError> {
+    let client = ctx
+        .pool
+        .get()
+        .await
+        .map_err(|e| JobError::Store(e.into()))?;
+    client
+        .execute(
+            "INSERT INTO pipeline_rejected (topic, partition, \"offset\", key, payload, reason)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &message.topic(),
+                &message.partition(),
+                &message.offset(),
+                &message.key(),
+                &message.payload(),
+                &reason,
+            ],
+        )
+        .await
+        .map_err(|e| JobError::Store(e.into()))?;
+    tracing::error!(
+        kafka.topic = message.topic(),
+        kafka.partition = message.partition(),
+        kafka.offset = message.offset(),
+        reason,
+        "message the worker cannot read; kept in pipeline_rejected"
+    );
+    Ok(())
 }
 
 /// Handles one consumed message until its outputs are acknowledged (retrying the job on producer
@@ -476,26 +515,40 @@ async fn handle(
         event.aggregate_id = tracing::field::Empty,
         job.attempt = tracing::field::Empty,
     );
-    if let Some((job, origin)) = job_from(message, &ctx.topics) {
-        span.record(
-            "event.aggregate_id",
-            tracing::field::display(job.product_id),
-        );
-        span.record("job.attempt", job.attempt + 1);
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match run_job(ctx, job.clone(), &origin)
-                .instrument(span.clone())
-                .await
-            {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::error!(parent: &span, %error, "cannot finish job; retrying it");
-                    tokio::select! {
-                        _ = shutdown.changed() => return false,
-                        () = tokio::time::sleep(backoff) => {}
+    let mut backoff = Duration::from_millis(200);
+    match job_from(message, &ctx.topics) {
+        Read::NotOurs => {}
+        Read::Unreadable(reason) => {
+            // Kept before the offset moves on: nothing is dropped silently.
+            while let Err(error) = reject(ctx, message, &reason).await {
+                tracing::error!(parent: &span, %error, "cannot keep an unreadable message; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return false,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        Read::Job(job, origin) => {
+            span.record(
+                "event.aggregate_id",
+                tracing::field::display(job.product_id),
+            );
+            span.record("job.attempt", job.attempt + 1);
+            loop {
+                match run_job(ctx, (*job).clone(), &origin)
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::error!(parent: &span, %error, "cannot finish job; retrying it");
+                        tokio::select! {
+                            _ = shutdown.changed() => return false,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }

@@ -45,6 +45,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0006_api_keys.sql",
         sql: include_str!("../../../sql/0006_api_keys.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_pipeline_rejected.sql",
+        sql: include_str!("../../../sql/0007_pipeline_rejected.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.
