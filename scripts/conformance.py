@@ -13,12 +13,13 @@ would check it, with tools that share no code with the services.
   counted and skipped; nothing else is.
 
 Any mismatch is printed with its topic, partition, offset and reason, and the exit status is 1.
-Usage: conformance.py --brokers HOST:PORT [--idle SECONDS]
+Usage: conformance.py --brokers HOST:PORT [--idle SECONDS]   (CONFORMANCE_SHOW=N: problems printed, 200)
 """
 
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 import time
@@ -195,7 +196,8 @@ def main():
         f"({counts['event']} events, {counts['retry']} retries, {counts['dead letter']} dead letters; "
         f"{counts['fixture']} deliberate test fixtures skipped), {len(failures)} problems"
     )
-    for topic, partition, offset, reason in failures[:int(__import__("os").environ.get("CONFORMANCE_SHOW", "200"))]:
+    shown = int(os.environ.get("CONFORMANCE_SHOW", "200"))
+    for topic, partition, offset, reason in failures[:shown]:
         print(f"  {topic}[{partition}]@{offset}: {reason}")
     if checked == 0:
         print("conformance: nothing was checked", file=sys.stderr)
