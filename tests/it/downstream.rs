@@ -76,6 +76,22 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
             .await
             .unwrap();
     }
+    // One message the service should count and cannot read: kept with its reason, not skipped.
+    producer
+        .send(
+            FutureRecord::to(&env.kafka().topics().products)
+                .key("garbage")
+                .payload("{\"event_type\":\"ProductCreated\"")
+                .headers(
+                    crate::helpers::fixture_headers().insert(rdkafka::message::Header {
+                        key: "ce_type",
+                        value: Some("ProductCreated"),
+                    }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     let mut args = vec![
         "catalog-user-stats".to_owned(),
         "--group-id".into(),
@@ -110,6 +126,16 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
     })
     .await;
     assert_eq!(counts, expected, "30 created, 6 deleted");
+    let rejected = eventually("the unreadable event is kept", || async {
+        let rows = client
+            .query("SELECT reason FROM user_stats_rejected", &[])
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rejected.len(), 1);
+    assert!(rejected[0].get::<_, String>(0).contains("malformed"));
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     env.cleanup().await;

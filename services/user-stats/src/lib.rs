@@ -65,6 +65,13 @@ ALTER TABLE user_stats_products ADD COLUMN IF NOT EXISTS deleted boolean NOT NUL
 CREATE TABLE IF NOT EXISTS user_product_counts (
     user_id  uuid PRIMARY KEY,
     products bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS user_stats_rejected (
+    topic     text    NOT NULL,
+    partition integer NOT NULL,
+    \"offset\"  bigint  NOT NULL,
+    reason    text    NOT NULL,
+    PRIMARY KEY (topic, partition, \"offset\")
 );";
 
 /// Consumes until `shutdown`.
@@ -120,9 +127,29 @@ async fn consume(
                     .and_then(|h| h.value)
             })
             .is_none_or(|t| t == b"ProductCreated" || t == b"ProductDeleted");
+        let decoded = message.payload().map(AnyEnvelope::from_json);
+        if let (true, Some(Err(error))) = (is_counted, &decoded) {
+            // A message this service should count and cannot read is kept with the reason, never
+            // skipped in silence (a type this build does not know is simply not ours).
+            if !matches!(error, events::DecodeError::UnknownEventType { .. }) {
+                tracing::error!(%error, kafka.offset = message.offset(), "unreadable event kept in user_stats_rejected");
+                pool.get()
+                    .await?
+                    .execute(
+                        "INSERT INTO user_stats_rejected (topic, partition, \"offset\", reason)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                        &[
+                            &message.topic(),
+                            &message.partition(),
+                            &message.offset(),
+                            &error.to_string(),
+                        ],
+                    )
+                    .await?;
+            }
+        }
         if is_counted {
-            if let Some(Ok(AnyEnvelope::Product(e))) = message.payload().map(AnyEnvelope::from_json)
-            {
+            if let Some(Ok(AnyEnvelope::Product(e))) = decoded {
                 if let ProductEvent::Deleted(_) = &e.event {
                     // Counted down once however often the deletion is delivered: only the first
                     // delivery finds the product not yet marked deleted.
