@@ -8,7 +8,8 @@
 //! sequence taken twice, so a mismatch is refused before anything reaches the log.
 //!
 //! Events reach Kafka through [`publish_stream`]: it locks the stream's unpublished events in sequence
-//! order, produces each (waiting for the acknowledgement) and marks it published. A writer calls it
+//! order, produces them in that order and marks the acknowledged ones published (a writer that has
+//! just created a stream uses [`publish_new_stream`], which needs no locks). A writer calls it
 //! after committing; the relay ([`relay_once`]) calls it for streams whose events have waited longer
 //! than a grace period (a writer that died after its commit). A later event is never produced before
 //! an earlier unpublished one of its stream, whoever publishes: the row locks are taken in sequence
@@ -186,6 +187,59 @@ pub async fn append(
     Ok(new_version)
 }
 
+/// One event on its way to the log: its sequence, the exact stored JSON, the writer's `ce_source`.
+struct Pending<'a> {
+    sequence: i64,
+    json: String,
+    source: &'a str,
+    wire: events::WireEnvelope,
+}
+
+/// Hands all of a stream's `events` (in sequence order) to the producer at once and waits for the
+/// acknowledgements. Each send is enqueued when first polled and `join_all` polls them in order, so
+/// the idempotent producer keeps their order within the partition and the stream waits for one round
+/// of acknowledgements instead of one per event. Returns the sequences of the acknowledged prefix (a
+/// later event is never counted before an earlier one) and the first failure, if any.
+async fn produce_in_order(
+    producer: &EventProducer,
+    topics: &Topics,
+    aggregate_id: Uuid,
+    events: &[Pending<'_>],
+) -> (Vec<i64>, Option<rdkafka::error::KafkaError>) {
+    let key = aggregate_id.to_string();
+    let sends = events.iter().map(|e| {
+        producer.send(
+            topics.for_aggregate(e.wire.aggregate_type),
+            &key,
+            e.json.as_bytes(),
+            crate::kafka::headers(&e.wire, e.source),
+            Duration::from_secs(10),
+        )
+    });
+    let mut published = Vec::new();
+    let mut failure = None;
+    for (event, ack) in events.iter().zip(futures::future::join_all(sends).await) {
+        match ack {
+            Ok((partition, offset)) if failure.is_none() => {
+                published.push(event.sequence);
+                tracing::debug!(
+                    event.id = %event.wire.event_id,
+                    event.r#type = %event.wire.event_type,
+                    event.sequence = event.wire.sequence,
+                    kafka.partition = partition,
+                    kafka.offset = offset,
+                    "event published"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        }
+    }
+    (published, failure)
+}
+
 /// Publishes the first events of a stream its writer has just created, without the row locks of
 /// [`publish_stream`]: nobody else can append to a stream before its first events are published (its
 /// id is known only to its writer until then), so there is nothing to order against. Same bytes as
@@ -201,31 +255,19 @@ pub async fn publish_new_stream(
         return Ok(0);
     };
     let aggregate_id = first.aggregate_id;
-    let key = aggregate_id.to_string();
-    let jsons = events
+    let pending = events
         .iter()
-        .map(|w| serde_json::to_string(w).map_err(|e| StoreError::Corrupt(e.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let sends = events.iter().zip(&jsons).map(|(wire, json)| {
-        producer.send(
-            topics.for_aggregate(wire.aggregate_type),
-            &key,
-            json.as_bytes(),
-            crate::kafka::headers(wire, source),
-            Duration::from_secs(10),
-        )
-    });
-    let mut published = Vec::new();
-    let mut failure = None;
-    for (wire, ack) in events.iter().zip(futures::future::join_all(sends).await) {
-        match ack {
-            Ok(_) if failure.is_none() => published.push(to_i64(wire.sequence)),
-            Ok(_) => {}
-            Err(error) => {
-                failure.get_or_insert(error);
-            }
-        }
-    }
+        .map(|wire| {
+            Ok(Pending {
+                sequence: to_i64(wire.sequence),
+                json: serde_json::to_string(wire)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                source,
+                wire: wire.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
     if !published.is_empty() {
         pool.get()
             .await?
@@ -242,7 +284,8 @@ pub async fn publish_new_stream(
     }
 }
 
-/// Produces every unpublished event of `aggregate_id` in sequence order, marking each published.
+/// Produces every unpublished event of `aggregate_id` in sequence order, holding their rows locked so
+/// no other publisher can produce a later event first, and marks the acknowledged ones published.
 /// Returns how many it produced.
 pub async fn publish_stream(
     pool: &deadpool_postgres::Pool,
@@ -260,58 +303,21 @@ pub async fn publish_stream(
             &[&aggregate_id],
         )
         .await?;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let json: String = row.get(1);
-        let source: String = row.get(2);
-        let wire: events::WireEnvelope =
-            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        events.push((row.get::<_, i64>(0), json, source, wire));
-    }
-    // All of the stream's pending events are handed to the producer at once, in sequence order (each
-    // send is enqueued when first polled, and `join_all` polls them in order): the idempotent producer
-    // keeps their order within the partition, so the stream waits for one round of acknowledgements
-    // instead of one per event.
-    let keys: Vec<String> = events
+    let pending = rows
         .iter()
-        .map(|e| e.3.aggregate_id.to_string())
-        .collect();
-    let sends = events
-        .iter()
-        .zip(&keys)
-        .map(|((_, json, source, wire), key)| {
-            producer.send(
-                topics.for_aggregate(wire.aggregate_type),
-                key,
-                json.as_bytes(),
-                crate::kafka::headers(wire, source),
-                Duration::from_secs(10),
-            )
-        });
-    let acks = futures::future::join_all(sends).await;
-    // Only the acknowledged prefix counts as published: a later event is never marked before an
-    // earlier one.
-    let mut published = Vec::new();
-    let mut failure = None;
-    for ((sequence, _, _, wire), ack) in events.iter().zip(acks) {
-        match ack {
-            Ok((partition, offset)) if failure.is_none() => {
-                published.push(*sequence);
-                tracing::debug!(
-                    event.id = %wire.event_id,
-                    event.r#type = %wire.event_type,
-                    event.sequence = wire.sequence,
-                    kafka.partition = partition,
-                    kafka.offset = offset,
-                    "event published"
-                );
-            }
-            Ok(_) => {}
-            Err(error) => {
-                failure.get_or_insert(error);
-            }
-        }
-    }
+        .map(|row| {
+            let json: String = row.get(1);
+            let wire =
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(Pending {
+                sequence: row.get(0),
+                json,
+                source: row.get(2),
+                wire,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
     if !published.is_empty() {
         tx.execute(
             "UPDATE event_store SET published_at = now()
@@ -320,12 +326,11 @@ pub async fn publish_stream(
         )
         .await?;
     }
-    if let Some(error) = failure {
-        tx.commit().await?;
-        return Err(error.into());
-    }
     tx.commit().await?;
-    Ok(rows.len())
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(pending.len()),
+    }
 }
 
 /// One relay sweep: publishes the streams (up to `limit`) whose oldest unpublished event is older than
