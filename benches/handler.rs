@@ -56,7 +56,7 @@ fn handler(c: &mut Criterion) {
             deleted_at: None,
         };
         let pool = platform::db::pool(&config.db).unwrap();
-        platform::read_model::upsert_product(&**pool.get().await.unwrap(), &product)
+        platform::read_model::upsert_product(&pool.get().await.unwrap(), &product)
             .await
             .unwrap();
         let cached_state = api::build_state(&config).await.unwrap();

@@ -312,23 +312,22 @@ async fn concurrent_misses_share_one_database_read() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
-    let logs = crate::helpers::capture_logs();
-    let env = TestEnv::new().await;
-    let projector = env.spawn_projector();
-    // A private Redis that the test can pause (SIGSTOP): connections stay open, nothing answers.
-    let port = crate::procs::free_port();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &self.0.id().to_string()])
-                .status();
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+/// A private Redis that a test can pause (SIGSTOP: connections stay open, nothing answers); killed
+/// (after a SIGCONT) when dropped.
+struct PrivateRedis(std::process::Child);
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+fn private_redis() -> (PrivateRedis, u16) {
+    let port = crate::procs::free_port();
     let redis = std::process::Command::new("redis-server")
         .args([
             "--port",
@@ -343,7 +342,15 @@ async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("redis-server runs");
-    let redis = Killed(redis);
+    (PrivateRedis(redis), port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
+    let logs = crate::helpers::capture_logs();
+    let env = TestEnv::new().await;
+    let projector = env.spawn_projector();
+    let (redis, port) = private_redis();
     let mut config = env.api_config();
     config.cache.redis_url = format!("redis://127.0.0.1:{port}");
     let api = env.spawn_api_with(config).await;
@@ -378,6 +385,104 @@ async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
     // Redis back: the breaker closes after a probe and reads hit the cache again.
     eventually("reads use Redis again", || async {
         (get(&api, &path).await.1 != "bypass").then_some(())
+    })
+    .await;
+    drop(redis);
+    api.stop().await;
+    projector.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_never_stalls_the_projector_and_its_invalidations_arrive_when_it_answers() {
+    let logs = crate::helpers::capture_logs();
+    let env = TestEnv::new().await;
+    let (redis, port) = private_redis();
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let mut projector_config = env.projector_config();
+    projector_config.cache.redis_url = redis_url.clone();
+    let projector = env.spawn_projector_with(projector_config);
+    let mut config = env.api_config();
+    config.cache.redis_url = redis_url;
+    let api = env.spawn_api_with(config.clone()).await;
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/products/{id}");
+    eventually("the entry is cached", || async {
+        (get(&api, &path).await.1 == "hit").then_some(())
+    })
+    .await;
+
+    crate::procs::signal(redis.0.id(), "STOP");
+    // While Redis hangs, the product changes and more products are written: all of it is projected
+    // (the projector hands invalidations to a background task and never waits for Redis).
+    let patched = api
+        .http
+        .patch(api.url(&path))
+        .header("content-type", "application/merge-patch+json")
+        .json(&serde_json::json!({"product_name": "renamed while Redis hung"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let mut more = Vec::new();
+    for _ in 0..20 {
+        let body: Value = api
+            .post("/products", &product_body(&user))
+            .await
+            .json()
+            .await
+            .unwrap();
+        more.push(Uuid::parse_str(body["id"].as_str().unwrap()).unwrap());
+    }
+    let client = env.pg().await;
+    let id_uuid = Uuid::parse_str(&id).unwrap();
+    eventually(
+        "the edit and the new products are projected while Redis hangs",
+        || async {
+            let edited: i64 = client
+                .query_one("SELECT version FROM products WHERE id = $1", &[&id_uuid])
+                .await
+                .unwrap()
+                .get(0);
+            let projected: i64 = client
+                .query_one("SELECT count(*) FROM products WHERE id = ANY($1)", &[&more])
+                .await
+                .unwrap()
+                .get(0);
+            (edited == 3 && projected == 20).then_some(())
+        },
+    )
+    .await;
+    // The stale entry is still in the paused Redis; once it answers, the kept invalidation lands.
+    crate::procs::signal(redis.0.id(), "CONT");
+    eventually(
+        "the projector reports its pending invalidations applied",
+        || async {
+            logs.text()
+                .contains("cache reachable again; pending invalidations applied")
+                .then_some(())
+        },
+    )
+    .await;
+    let cache = platform::cache::ProductCache::connect(&config.cache)
+        .unwrap()
+        .unwrap();
+    assert!(cache.wait_connected(Duration::from_secs(5)).await);
+    if let Some((version, _)) = cache.get(id_uuid).await.unwrap() {
+        assert!(version >= 3, "entry at version {version} survived the edit");
+    }
+    // A fill of the old version is refused by the raised floor.
+    assert!(!cache.fill(id_uuid, 2, b"{}").await.unwrap());
+    eventually("reads serve the edit", || async {
+        let (status, _, body) = get(&api, &path).await;
+        (status == 200 && body["product_name"] == "renamed while Redis hung").then_some(())
     })
     .await;
     drop(redis);

@@ -214,3 +214,61 @@ async fn event_topics_with_finite_retention_are_refused_at_start_up() {
         .to_string();
     assert!(error.contains("retention.ms=86400000"), "{error}");
 }
+
+#[tokio::test]
+async fn an_event_the_database_refuses_is_kept_aside_and_the_projection_goes_on() {
+    let env = TestEnv::new().await;
+    let [good_a, good_a2] = product_stream(Uuid::now_v7());
+    // Valid as an event, but beyond what `numeric(12,2)` stores: PostgreSQL refuses the row. Another
+    // producer could write this straight to the topic; the API never would.
+    let poison_id = Uuid::now_v7();
+    let [mut poison, poison2] = product_stream(poison_id);
+    if let ProductEvent::Created(created) = &mut poison.event {
+        created.product_price = Decimal::new(10_i64.pow(13), 0);
+    }
+    let [good_b, good_b2] = product_stream(Uuid::now_v7());
+    // One publish: the whole lot arrives as one batch, which the database refuses as a whole.
+    env.publish(&[good_a, poison, good_b, good_a2, poison2, good_b2])
+        .await;
+    let projector = env.spawn_projector();
+    let client = env.pg().await;
+    eventually("both good products reach version 2", || async {
+        (count(&client, "SELECT count(*) FROM products WHERE version = 2").await == 2).then_some(())
+    })
+    .await;
+    let rejected = client
+        .query_one("SELECT reason, payload FROM projection_rejected", &[])
+        .await
+        .unwrap();
+    let reason: String = rejected.get(0);
+    assert!(reason.contains("refused by the database"), "{reason}");
+    let payload: Vec<u8> = rejected.get(1);
+    assert!(
+        String::from_utf8_lossy(&payload).contains(&poison_id.to_string()),
+        "the refused message is kept byte for byte"
+    );
+    // The poison product's later event waits for a creation that will never apply: kept, not lost.
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_parked_events").await,
+        1
+    );
+
+    // And the projection goes on with what comes next.
+    let later = Uuid::now_v7();
+    env.publish(&product_stream(later)).await;
+    eventually("a later product is projected", || async {
+        let v = client
+            .query_opt("SELECT version FROM products WHERE id = $1", &[&later])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i64>(0));
+        (v == Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM projection_rejected").await,
+        1
+    );
+    projector.stop().await;
+    env.cleanup().await;
+}

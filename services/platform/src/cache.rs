@@ -124,16 +124,25 @@ redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 'EX', ARGV[3])
 return 1
 ";
 
+/// KEYS: entry and floor of each product, in pairs; ARGV[1]: floor TTL, ARGV[k + 1]: the projected
+/// version of the k-th product.
 const INVALIDATE: &str = r"
-local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) > floor then
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
-else
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
+for k = 1, #KEYS / 2 do
+  local floor_key = KEYS[2 * k]
+  local v = tonumber(ARGV[k + 1])
+  local floor = tonumber(redis.call('GET', floor_key) or '0')
+  if v > floor then
+    redis.call('SET', floor_key, ARGV[k + 1], 'EX', ARGV[1])
+  else
+    redis.call('EXPIRE', floor_key, ARGV[1])
+  end
+  redis.call('DEL', KEYS[2 * k - 1])
 end
-redis.call('DEL', KEYS[1])
-return 1
+return #KEYS / 2
 ";
+
+/// Products per invalidation script call (bounds the time one call holds Redis).
+pub const INVALIDATE_CHUNK: usize = 500;
 
 /// The product cache (cheap to clone).
 #[derive(Clone)]
@@ -236,11 +245,26 @@ impl ProductCache {
     /// Records that version `version` of product `id` is projected: drops the entry and refuses any
     /// later fill with an older version.
     pub async fn invalidate(&self, id: Uuid, version: u64) -> Result<(), CacheError> {
-        let (entry, floor) = self.keys(id);
-        let args = vec![version.to_string(), FLOOR_TTL_SECS.to_string()];
-        let _: i64 = self
-            .bounded(self.client.eval(INVALIDATE, vec![entry, floor], args))
-            .await?;
+        self.invalidate_many(&[(id, version)]).await
+    }
+
+    /// [`Self::invalidate`] for many products, one script call (one round trip) per
+    /// [`INVALIDATE_CHUNK`] products.
+    pub async fn invalidate_many(&self, changed: &[(Uuid, u64)]) -> Result<(), CacheError> {
+        for chunk in changed.chunks(INVALIDATE_CHUNK) {
+            let mut keys = Vec::with_capacity(chunk.len() * 2);
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(FLOOR_TTL_SECS.to_string());
+            for &(id, version) in chunk {
+                let (entry, floor) = self.keys(id);
+                keys.push(entry);
+                keys.push(floor);
+                args.push(version.to_string());
+            }
+            let _: i64 = self
+                .bounded(self.client.eval(INVALIDATE, keys, args))
+                .await?;
+        }
         Ok(())
     }
 

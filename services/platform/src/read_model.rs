@@ -46,18 +46,37 @@ pub fn user_from_row(row: &Row) -> UserState {
     }
 }
 
-/// Writes `product` (insert or replace), the only way rows of `products` change.
+/// Writes `product` (insert or replace); see [`upsert_products`].
 pub async fn upsert_product(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     product: &ProductState,
 ) -> Result<(), tokio_postgres::Error> {
-    let version = i64::try_from(product.version).unwrap_or(i64::MAX);
-    client
-        .execute(
+    upsert_products(client, &[product]).await
+}
+
+/// Writes every product of `products` (insert or replace) in one prepared statement, the only way rows
+/// of `products` change. A row already at a newer version is left alone. Ids must be distinct.
+pub async fn upsert_products(
+    client: &impl deadpool_postgres::GenericClient,
+    products: &[&ProductState],
+) -> Result<(), tokio_postgres::Error> {
+    if products.is_empty() {
+        return Ok(());
+    }
+    let statement = client
+        .prepare_cached(
             "INSERT INTO products (id, user_id, product_name, product_description, product_price,
                                    product_images, images, compressed_product_images, version,
                                    created_at, updated_at, product_currency, deleted_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             SELECT u.id, u.user_id, u.product_name, u.product_description, u.product_price,
+                    ARRAY(SELECT jsonb_array_elements_text(u.product_images)), u.images,
+                    u.compressed, u.version, u.created_at, u.updated_at, u.currency, u.deleted_at
+               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::numeric[],
+                           $6::jsonb[], $7::jsonb[], $8::jsonb[], $9::int8[], $10::timestamptz[],
+                           $11::timestamptz[], $12::text[], $13::timestamptz[])
+                    AS u(id, user_id, product_name, product_description, product_price,
+                         product_images, images, compressed, version, created_at, updated_at,
+                         currency, deleted_at)
              ON CONFLICT (id) DO UPDATE SET
                 user_id = EXCLUDED.user_id,
                 product_name = EXCLUDED.product_name,
@@ -72,48 +91,93 @@ pub async fn upsert_product(
                 product_currency = EXCLUDED.product_currency,
                 deleted_at = EXCLUDED.deleted_at
              WHERE products.version < EXCLUDED.version",
+        )
+        .await?;
+    let ids: Vec<uuid::Uuid> = products.iter().map(|p| p.id).collect();
+    let users: Vec<uuid::Uuid> = products.iter().map(|p| p.user_id).collect();
+    let names: Vec<&str> = products.iter().map(|p| p.product_name.as_str()).collect();
+    let descriptions: Vec<&str> = products
+        .iter()
+        .map(|p| p.product_description.as_str())
+        .collect();
+    let prices: Vec<rust_decimal::Decimal> = products.iter().map(|p| p.product_price).collect();
+    let sources: Vec<Json<&Vec<String>>> =
+        products.iter().map(|p| Json(&p.product_images)).collect();
+    let images: Vec<Json<&Vec<ImageStatus>>> = products.iter().map(|p| Json(&p.images)).collect();
+    let compressed: Vec<Json<&Vec<events::ImageVariant>>> = products
+        .iter()
+        .map(|p| Json(&p.compressed_product_images))
+        .collect();
+    let versions: Vec<i64> = products
+        .iter()
+        .map(|p| i64::try_from(p.version).unwrap_or(i64::MAX))
+        .collect();
+    let created: Vec<chrono::DateTime<chrono::Utc>> =
+        products.iter().map(|p| p.created_at).collect();
+    let updated: Vec<chrono::DateTime<chrono::Utc>> =
+        products.iter().map(|p| p.updated_at).collect();
+    let currencies: Vec<&str> = products
+        .iter()
+        .map(|p| p.product_currency.as_str())
+        .collect();
+    let deleted: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        products.iter().map(|p| p.deleted_at).collect();
+    client
+        .execute(
+            &statement,
             &[
-                &product.id,
-                &product.user_id,
-                &product.product_name,
-                &product.product_description,
-                &product.product_price,
-                &product.product_images,
-                &Json(&product.images),
-                &Json(&product.compressed_product_images),
-                &version,
-                &product.created_at,
-                &product.updated_at,
-                &product.product_currency,
-                &product.deleted_at,
+                &ids,
+                &users,
+                &names,
+                &descriptions,
+                &prices,
+                &sources,
+                &images,
+                &compressed,
+                &versions,
+                &created,
+                &updated,
+                &currencies,
+                &deleted,
             ],
         )
         .await?;
     Ok(())
 }
 
-/// Writes `user` (insert or replace), the only way rows of `users` change.
-pub async fn upsert_user(
-    client: &impl tokio_postgres::GenericClient,
-    user: &UserState,
+/// Writes every user of `users` (insert or replace) in one prepared statement, the only way rows of
+/// `users` change. A row already at a newer version is left alone. Ids must be distinct.
+pub async fn upsert_users(
+    client: &impl deadpool_postgres::GenericClient,
+    users: &[&UserState],
 ) -> Result<(), tokio_postgres::Error> {
-    let version = i64::try_from(user.version).unwrap_or(i64::MAX);
-    client
-        .execute(
+    if users.is_empty() {
+        return Ok(());
+    }
+    let statement = client
+        .prepare_cached(
             "INSERT INTO users (id, name, email, version, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[],
+                                  $5::timestamptz[], $6::timestamptz[])
              ON CONFLICT (id) DO UPDATE SET
                 name = EXCLUDED.name, email = EXCLUDED.email, version = EXCLUDED.version,
                 created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
              WHERE users.version < EXCLUDED.version",
-            &[
-                &user.id,
-                &user.name,
-                &user.email,
-                &version,
-                &user.created_at,
-                &user.updated_at,
-            ],
+        )
+        .await?;
+    let ids: Vec<uuid::Uuid> = users.iter().map(|u| u.id).collect();
+    let names: Vec<&str> = users.iter().map(|u| u.name.as_str()).collect();
+    let emails: Vec<&str> = users.iter().map(|u| u.email.as_str()).collect();
+    let versions: Vec<i64> = users
+        .iter()
+        .map(|u| i64::try_from(u.version).unwrap_or(i64::MAX))
+        .collect();
+    let created: Vec<chrono::DateTime<chrono::Utc>> = users.iter().map(|u| u.created_at).collect();
+    let updated: Vec<chrono::DateTime<chrono::Utc>> = users.iter().map(|u| u.updated_at).collect();
+    client
+        .execute(
+            &statement,
+            &[&ids, &names, &emails, &versions, &created, &updated],
         )
         .await?;
     Ok(())

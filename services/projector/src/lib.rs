@@ -35,30 +35,99 @@ pub enum ProjectorError {
     Cache(String),
 }
 
-/// Drops the cache entries of the products a committed batch changed, so the next read is fresh.
+/// Drops the cache entries of the products committed batches changed, off the projection's path.
 ///
-/// Runs after the commit, never before: a reader that misses then reads the new rows. If Redis is
-/// away, each invalidation is retried briefly and then given up with an error log; the entry's TTL
-/// (`CACHE_TTL_SECS`) bounds how long it can be stale, and its version floor is raised at the next
-/// change of that product.
-async fn invalidate(cache: &platform::cache::ProductCache, changed: &[(uuid::Uuid, u64)]) {
-    for &(id, version) in changed {
-        let mut delay = Duration::from_millis(20);
-        for attempt in 1..=3 {
-            match cache.invalidate(id, version).await {
-                Ok(()) => break,
-                // Redis is known to be away: don't spend retries on it; entries expire by TTL, and
-                // the floor is raised at the product's next change.
-                Err(platform::cache::CacheError::CircuitOpen) => break,
-                Err(error) if attempt == 3 => {
-                    tracing::error!(%error, product.id = %id, version, "cannot invalidate cache entry; it expires with its TTL");
+/// Runs after the commit, never before: a reader that misses then reads the new rows. The projection
+/// loop only hands the changed products over; a background task sends them to Redis in one script
+/// call per batch. While Redis is away or hanging, changes are coalesced per product (newest version)
+/// and kept until Redis takes them, so the projection never waits on Redis and no invalidation is
+/// given up; only a projector that dies meanwhile loses its pending set, and those entries then live
+/// at most `CACHE_TTL_SECS`.
+pub struct Invalidator {
+    pending: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, u64>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Invalidator {
+    /// Starts the background task for `cache`.
+    pub fn spawn(cache: platform::cache::ProductCache) -> std::sync::Arc<Self> {
+        let invalidator = std::sync::Arc::new(Self {
+            pending: std::sync::Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(invalidator.clone().drain_forever(cache));
+        invalidator
+    }
+
+    /// Queues the invalidation of `changed` (product, projected version).
+    pub fn submit(&self, changed: &[(uuid::Uuid, u64)]) {
+        if changed.is_empty() {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for &(id, version) in changed {
+            let slot = pending.entry(id).or_insert(version);
+            *slot = (*slot).max(version);
+        }
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// Invalidations not yet accepted by Redis.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn take(&self) -> Vec<(uuid::Uuid, u64)> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
+
+    async fn drain_forever(self: std::sync::Arc<Self>, cache: platform::cache::ProductCache) {
+        let mut backoff = Duration::from_millis(50);
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let batch = self.take();
+            if batch.is_empty() {
+                self.wake.notified().await;
+                continue;
+            }
+            match cache.invalidate_many(&batch).await {
+                Ok(()) => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(
+                            products = batch.len(),
+                            outage_ms = since.elapsed().as_millis() as u64,
+                            "cache reachable again; pending invalidations applied"
+                        );
+                    }
+                    backoff = Duration::from_millis(50);
                 }
-                Err(_) => {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                Err(error) => {
+                    // Put them back (a newer version queued meanwhile wins) and try again later.
+                    self.submit(&batch);
+                    if failing_since.is_none() {
+                        failing_since = Some(std::time::Instant::now());
+                        tracing::warn!(%error, pending = self.pending(), "cannot invalidate cache entries; keeping them until Redis answers");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }
+    }
+
+    /// Waits (at most `within`) until every queued invalidation reached Redis; for shutdown.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.pending() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 }
 
@@ -77,7 +146,8 @@ pub async fn run(
         platform::kafka::ensure_topics(&config.kafka).await?;
     }
     let cache = platform::cache::ProductCache::connect(&config.cache)
-        .map_err(|e| ProjectorError::Cache(e.to_string()))?;
+        .map_err(|e| ProjectorError::Cache(e.to_string()))?
+        .map(Invalidator::spawn);
     let context = PositionContext::default();
     context.advance(&load_positions(&pool, &config.group_id).await?);
     let topics = config.kafka.topics();
@@ -95,7 +165,7 @@ pub async fn run(
         let exit = project(
             &config,
             &pool,
-            cache.as_ref(),
+            cache.as_deref(),
             &consumer,
             &instance,
             &mut shutdown,
@@ -104,6 +174,14 @@ pub async fn run(
         platform::kafka::close(consumer, Duration::from_secs(10)).await;
         if let Exit::Shutdown = exit {
             break;
+        }
+    }
+    if let Some(cache) = &cache {
+        if !cache.flush(Duration::from_secs(2)).await {
+            tracing::warn!(
+                pending = cache.pending(),
+                "stopping with cache invalidations Redis did not take; those entries expire with their TTL"
+            );
         }
     }
     tracing::info!("projector stopped");
@@ -122,12 +200,13 @@ enum Exit {
 async fn project(
     config: &Config,
     pool: &deadpool_postgres::Pool,
-    cache: Option<&platform::cache::ProductCache>,
+    cache: Option<&Invalidator>,
     consumer: &StreamConsumer<PositionContext>,
     context: &PositionContext,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Exit {
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut rate = Rate::new(Duration::from_secs(5));
     loop {
         let first = tokio::select! {
             () = &mut *shutdown => return Exit::Shutdown,
@@ -148,27 +227,36 @@ async fn project(
         };
         let batch = fill_batch(consumer, first, config.batch_size, config.batch_wait()).await;
         // Retry the database until it works or we are told to stop: skipping would lose events, and
-        // not committing means the batch is simply consumed again after a restart.
+        // not committing means the batch is simply consumed again after a restart. Parts of the batch
+        // already committed (see `apply_isolating`) are skipped by their stored offsets.
         let mut backoff = Duration::from_millis(100);
+        let mut report = BatchReport::default();
+        let started = std::time::Instant::now();
         loop {
-            match apply(pool, &config.group_id, &batch).await {
-                Ok((report, positions)) => {
+            match apply_isolating(pool, &config.group_id, &batch, &mut report).await {
+                Ok(positions) => {
                     context.advance(&positions);
-                    tracing::info!(
+                    tracing::debug!(
                         batch.size = batch.len(),
                         batch.applied = report.applied,
                         batch.duplicates = report.duplicates,
                         batch.parked = report.parked,
                         batch.rejected = report.rejected,
+                        batch.ms = started.elapsed().as_millis() as u64,
                         "batch projected"
                     );
+                    rate.record(&report, batch.len());
                     commit(consumer, &batch);
                     if let Some(cache) = cache {
-                        invalidate(cache, &report.changed_products).await;
+                        cache.submit(&report.changed_products);
                     }
                     break;
                 }
                 Err(error) => {
+                    if let Some(cache) = cache {
+                        cache.submit(&report.changed_products);
+                        report.changed_products.clear();
+                    }
                     tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot project batch; retrying");
                     tokio::select! {
                         () = &mut *shutdown => {
@@ -180,6 +268,46 @@ async fn project(
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+    }
+}
+
+/// Applied-event counts between two progress log lines.
+struct Rate {
+    since: std::time::Instant,
+    messages: u64,
+    applied: u64,
+    rejected: u64,
+    every: Duration,
+}
+
+impl Rate {
+    fn new(every: Duration) -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            messages: 0,
+            applied: 0,
+            rejected: 0,
+            every,
+        }
+    }
+
+    /// Counts a batch; logs the rate every `every` while work arrives (an idle projector is quiet).
+    fn record(&mut self, report: &BatchReport, messages: usize) {
+        self.messages += messages as u64;
+        self.applied += report.applied as u64;
+        self.rejected += report.rejected as u64;
+        let elapsed = self.since.elapsed();
+        if elapsed >= self.every {
+            let secs = elapsed.as_secs_f64();
+            tracing::info!(
+                messages = self.messages,
+                applied = self.applied,
+                rejected = self.rejected,
+                messages_per_sec = (self.messages as f64 / secs).round() as u64,
+                "projection rate"
+            );
+            *self = Self::new(self.every);
         }
     }
 }
@@ -211,6 +339,21 @@ enum ApplyError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+impl ApplyError {
+    /// Whether the database refused the data of the batch (a value out of range, a constraint), as
+    /// opposed to failing or being unreachable: retrying the same events cannot help then.
+    fn is_refusal(&self) -> bool {
+        let Self::Postgres(error) = self else {
+            return false;
+        };
+        error.code().is_some_and(|code| {
+            // 22: data exception, 23: integrity constraint violation, 54: program limit exceeded
+            // (a row or index entry too large).
+            matches!(&code.code()[..2], "22" | "23" | "54")
+        })
+    }
+}
+
 async fn apply(
     pool: &deadpool_postgres::Pool,
     consumer: &str,
@@ -221,6 +364,52 @@ async fn apply(
     let result = projection::apply_batch(&tx, consumer, batch).await?;
     tx.commit().await?;
     Ok(result)
+}
+
+/// Applies `batch`; when the database refuses it, finds the refused message by halving (committing
+/// the parts that apply, in order) and keeps it in `projection_rejected` with the reason, so one
+/// poison event never stops the projection. Counts go to `report`, which survives an error return
+/// (the parts committed so far stay committed; a retry skips them by offset).
+async fn apply_isolating(
+    pool: &deadpool_postgres::Pool,
+    consumer: &str,
+    batch: &[OwnedMessage],
+    report: &mut BatchReport,
+) -> Result<Positions, ApplyError> {
+    let mut positions = Positions::new();
+    let mut todo: Vec<&[OwnedMessage]> = vec![batch];
+    while let Some(part) = todo.pop() {
+        match apply(pool, consumer, part).await {
+            Ok((done, stored)) => {
+                report.merge(done);
+                for (tp, next) in stored {
+                    let slot = positions.entry(tp).or_insert(next);
+                    *slot = (*slot).max(next);
+                }
+            }
+            Err(error) if error.is_refusal() && part.len() > 1 => {
+                let (first, second) = part.split_at(part.len() / 2);
+                todo.push(second);
+                todo.push(first);
+            }
+            Err(error) if error.is_refusal() => {
+                let message = &part[0];
+                let mut client = pool.get().await?;
+                let tx = client.transaction().await?;
+                projection::reject_alone(
+                    &tx,
+                    consumer,
+                    message,
+                    &format!("refused by the database: {error}"),
+                )
+                .await?;
+                tx.commit().await?;
+                report.rejected += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(positions)
 }
 
 async fn load_positions(

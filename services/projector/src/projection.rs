@@ -10,13 +10,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use deadpool_postgres::{GenericClient, Transaction};
 use events::{AnyEnvelope, ApplyError, Envelope, ProductEvent, ProductState, UserEvent, UserState};
 use platform::read_model::{
-    PRODUCT_COLUMNS, USER_COLUMNS, product_from_row, upsert_product, upsert_user, user_from_row,
+    PRODUCT_COLUMNS, USER_COLUMNS, product_from_row, upsert_products, upsert_users, user_from_row,
 };
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-use tokio_postgres::Transaction;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
@@ -35,6 +35,17 @@ pub struct BatchReport {
     pub parked: usize,
     /// Messages recorded in `projection_rejected`.
     pub rejected: usize,
+}
+
+impl BatchReport {
+    /// Adds the counts of another (later) part of the same batch.
+    pub fn merge(&mut self, other: BatchReport) {
+        self.changed_products.extend(other.changed_products);
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.parked += other.parked;
+        self.rejected += other.rejected;
+    }
 }
 
 /// A stream's state while a batch is applied, with the events parked for it.
@@ -169,7 +180,18 @@ pub async fn apply_batch(
     batch: &[OwnedMessage],
 ) -> Result<(BatchReport, Positions), tokio_postgres::Error> {
     let mut report = BatchReport::default();
-    let stored = stored_positions(tx, None, consumer).await?;
+    let stored: Positions = tx
+        .query(
+            &tx.prepare_cached(
+                "SELECT topic, partition, next_offset FROM projection_offsets WHERE consumer = $1",
+            )
+            .await?,
+            &[&consumer],
+        )
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
 
     // Decode what is new; remember the next offset per partition.
     let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
@@ -193,22 +215,23 @@ pub async fn apply_batch(
 
     let product_ids: Vec<Uuid> = ids(&decoded, |e| matches!(e, AnyEnvelope::Product(_)));
     let user_ids: Vec<Uuid> = ids(&decoded, |e| matches!(e, AnyEnvelope::User(_)));
-    let mut products: HashMap<Uuid, Stream<ProductState>> = load(
-        tx,
-        "products",
-        PRODUCT_COLUMNS,
-        &product_ids,
-        product_from_row,
-        |p| p.id,
-    )
-    .await?;
-    let mut users: HashMap<Uuid, Stream<UserState>> =
-        load(tx, "users", USER_COLUMNS, &user_ids, user_from_row, |u| {
-            u.id
-        })
-        .await?;
-    load_parked(tx, &product_ids, &mut products).await?;
-    load_parked(tx, &user_ids, &mut users).await?;
+    // Four reads, pipelined on the one connection (one round trip's wait, not four).
+    let (mut products, mut users, product_parked, user_parked) = futures::try_join!(
+        load(
+            tx,
+            "products",
+            PRODUCT_COLUMNS,
+            &product_ids,
+            product_from_row,
+            |p| p.id
+        ),
+        load(tx, "users", USER_COLUMNS, &user_ids, user_from_row, |u| u
+            .id),
+        load_parked(tx, &product_ids),
+        load_parked(tx, &user_ids),
+    )?;
+    attach_parked(&mut products, product_parked);
+    attach_parked(&mut users, user_parked);
 
     for (message, result) in decoded {
         let envelope = match result {
@@ -254,51 +277,45 @@ pub async fn apply_batch(
         }
     }
 
+    let mut dirty_products: Vec<&ProductState> = Vec::new();
+    let mut history = History::default();
     for stream in products.values() {
         if let (true, Some(state)) = (stream.dirty, &stream.state) {
-            upsert_product(tx, state).await?;
+            dirty_products.push(state);
             report.changed_products.push((state.id, state.version));
         }
         for wire in &stream.applied {
-            let sequence = i64::try_from(wire.sequence).unwrap_or(i64::MAX);
-            tx.execute(
-                "INSERT INTO product_events
-                    (aggregate_id, sequence, event_id, event_type, occurred_at, envelope)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                &[
-                    &wire.aggregate_id,
-                    &sequence,
-                    &wire.event_id,
-                    &wire.event_type,
-                    &wire.occurred_at,
-                    &Json(wire),
-                ],
-            )
-            .await?;
+            history.push(wire);
         }
     }
-    for stream in users.values() {
-        if let (true, Some(state)) = (stream.dirty, &stream.state) {
-            upsert_user(tx, state).await?;
-        }
-    }
-    save_parked(tx, &products).await?;
-    save_parked(tx, &users).await?;
+    let dirty_users: Vec<&UserState> = users
+        .values()
+        .filter(|s| s.dirty)
+        .filter_map(|s| s.state.as_ref())
+        .collect();
+    let mut parked = ParkedChanges::default();
+    parked.collect(&products);
+    parked.collect(&users);
 
     let mut positions = stored;
+    let mut offsets = Offsets::default();
     for ((topic, partition), next) in next_offsets {
         let position = positions.entry((topic.clone(), partition)).or_insert(next);
         *position = (*position).max(next);
-        tx.execute(
-            "INSERT INTO projection_offsets (consumer, topic, partition, next_offset)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (consumer, topic, partition) DO UPDATE
-                SET next_offset = GREATEST(projection_offsets.next_offset, EXCLUDED.next_offset),
-                    updated_at = now()",
-            &[&consumer, &topic, &partition, &next],
-        )
-        .await?;
+        offsets.topics.push(topic);
+        offsets.partitions.push(partition);
+        offsets.next.push(next);
     }
+
+    // Every write of the batch is one set-based prepared statement per table, and they are pipelined:
+    // the batch costs a handful of round trips whatever its size.
+    futures::try_join!(
+        upsert_products(tx, &dirty_products),
+        history.insert(tx),
+        upsert_users(tx, &dirty_users),
+        parked.write(tx),
+        offsets.write(tx, consumer),
+    )?;
     Ok((report, positions))
 }
 
@@ -363,12 +380,13 @@ async fn load<S>(
     }
     // FOR UPDATE: during a rebalance two projectors may briefly hold the same partition; the second
     // waits here and then sees the first one's rows, so it recognises the events as applied.
-    let rows = tx
-        .query(
-            &format!("SELECT {columns} FROM {table} WHERE id = ANY($1) FOR UPDATE"),
-            &[&ids],
-        )
+    // ORDER BY id: rows are locked in one order by every projector, so two cannot deadlock on them.
+    let statement = tx
+        .prepare_cached(&format!(
+            "SELECT {columns} FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
         .await?;
+    let rows = tx.query(&statement, &[&ids]).await?;
     Ok(rows
         .iter()
         .map(|row| {
@@ -384,58 +402,211 @@ async fn load<S>(
         .collect())
 }
 
-async fn load_parked<S>(
+/// Parked events of the streams `ids`: (aggregate id, sequence, envelope).
+async fn load_parked(
     tx: &Transaction<'_>,
     ids: &[Uuid],
-    streams: &mut HashMap<Uuid, Stream<S>>,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Vec<(Uuid, u64, serde_json::Value)>, tokio_postgres::Error> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    for row in tx
-        .query(
+    let statement = tx
+        .prepare_cached(
             "SELECT aggregate_id, sequence, envelope FROM projection_parked_events
-              WHERE aggregate_id = ANY($1) FOR UPDATE",
-            &[&ids],
+              WHERE aggregate_id = ANY($1) ORDER BY aggregate_id, sequence FOR UPDATE",
         )
+        .await?;
+    Ok(tx
+        .query(&statement, &[&ids])
         .await?
-    {
-        let sequence = u64::try_from(row.get::<_, i64>(1)).unwrap_or_default();
-        let Json(envelope): Json<serde_json::Value> = row.get(2);
+        .iter()
+        .map(|row| {
+            let Json(envelope): Json<serde_json::Value> = row.get(2);
+            (
+                row.get(0),
+                u64::try_from(row.get::<_, i64>(1)).unwrap_or_default(),
+                envelope,
+            )
+        })
+        .collect())
+}
+
+fn attach_parked<S>(
+    streams: &mut HashMap<Uuid, Stream<S>>,
+    parked: Vec<(Uuid, u64, serde_json::Value)>,
+) {
+    for (id, sequence, envelope) in parked {
         streams
-            .entry(row.get(0))
+            .entry(id)
             .or_default()
             .parked
             .insert(sequence, envelope);
     }
-    Ok(())
 }
 
-async fn save_parked<S>(
-    tx: &Transaction<'_>,
-    streams: &HashMap<Uuid, Stream<S>>,
-) -> Result<(), tokio_postgres::Error> {
-    for (id, stream) in streams {
-        for sequence in &stream.parked_removed {
-            let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
-            tx.execute(
-                "DELETE FROM projection_parked_events WHERE aggregate_id = $1 AND sequence = $2",
-                &[id, &sequence],
-            )
-            .await?;
+/// Rows for `product_events`, as columns.
+#[derive(Default)]
+struct History<'a> {
+    ids: Vec<Uuid>,
+    sequences: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    occurred: Vec<chrono::DateTime<chrono::Utc>>,
+    envelopes: Vec<Json<&'a events::WireEnvelope>>,
+}
+
+impl<'a> History<'a> {
+    fn push(&mut self, wire: &'a events::WireEnvelope) {
+        self.ids.push(wire.aggregate_id);
+        self.sequences
+            .push(i64::try_from(wire.sequence).unwrap_or(i64::MAX));
+        self.event_ids.push(wire.event_id);
+        self.types.push(&wire.event_type);
+        self.occurred.push(wire.occurred_at);
+        self.envelopes.push(Json(wire));
+    }
+
+    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.ids.is_empty() {
+            return Ok(());
         }
-        for sequence in &stream.parked_added {
-            let envelope = &stream.parked[sequence];
-            let sequence = i64::try_from(*sequence).unwrap_or(i64::MAX);
-            tx.execute(
-                "INSERT INTO projection_parked_events (aggregate_id, sequence, envelope)
-                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[id, &sequence, &Json(envelope)],
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO product_events
+                    (aggregate_id, sequence, event_id, event_type, occurred_at, envelope)
+                 SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::text[],
+                                      $5::timestamptz[], $6::jsonb[])
+                 ON CONFLICT DO NOTHING",
             )
             .await?;
+        tx.execute(
+            &statement,
+            &[
+                &self.ids,
+                &self.sequences,
+                &self.event_ids,
+                &self.types,
+                &self.occurred,
+                &self.envelopes,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Parked events to delete (now applied) and to insert (newly parked), as columns.
+#[derive(Default)]
+struct ParkedChanges<'a> {
+    removed_ids: Vec<Uuid>,
+    removed_sequences: Vec<i64>,
+    added_ids: Vec<Uuid>,
+    added_sequences: Vec<i64>,
+    added_envelopes: Vec<Json<&'a serde_json::Value>>,
+}
+
+impl<'a> ParkedChanges<'a> {
+    fn collect<S>(&mut self, streams: &'a HashMap<Uuid, Stream<S>>) {
+        for (id, stream) in streams {
+            for &sequence in &stream.parked_removed {
+                self.removed_ids.push(*id);
+                self.removed_sequences
+                    .push(i64::try_from(sequence).unwrap_or(i64::MAX));
+            }
+            for sequence in &stream.parked_added {
+                self.added_ids.push(*id);
+                self.added_sequences
+                    .push(i64::try_from(*sequence).unwrap_or(i64::MAX));
+                self.added_envelopes.push(Json(&stream.parked[sequence]));
+            }
         }
     }
-    Ok(())
+
+    async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if !self.removed_ids.is_empty() {
+            let statement = tx
+                .prepare_cached(
+                    "DELETE FROM projection_parked_events p
+                      USING unnest($1::uuid[], $2::int8[]) AS d(aggregate_id, sequence)
+                      WHERE p.aggregate_id = d.aggregate_id AND p.sequence = d.sequence",
+                )
+                .await?;
+            tx.execute(&statement, &[&self.removed_ids, &self.removed_sequences])
+                .await?;
+        }
+        if !self.added_ids.is_empty() {
+            let statement = tx
+                .prepare_cached(
+                    "INSERT INTO projection_parked_events (aggregate_id, sequence, envelope)
+                     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::jsonb[])
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(
+                &statement,
+                &[
+                    &self.added_ids,
+                    &self.added_sequences,
+                    &self.added_envelopes,
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The next offset of each partition in the batch, as columns.
+#[derive(Default)]
+struct Offsets {
+    topics: Vec<String>,
+    partitions: Vec<i32>,
+    next: Vec<i64>,
+}
+
+impl Offsets {
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.topics.is_empty() {
+            return Ok(());
+        }
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO projection_offsets (consumer, topic, partition, next_offset)
+                 SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::int8[])
+                 ON CONFLICT (consumer, topic, partition) DO UPDATE
+                    SET next_offset = GREATEST(projection_offsets.next_offset, EXCLUDED.next_offset),
+                        updated_at = now()",
+            )
+            .await?;
+        tx.execute(
+            &statement,
+            &[&consumer, &self.topics, &self.partitions, &self.next],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Keeps `message` in `projection_rejected` with `reason` and moves its partition's stored offset past
+/// it, in `tx`: for a message the database refused when applied alone.
+pub async fn reject_alone(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    message: &OwnedMessage,
+    reason: &str,
+) -> Result<(), tokio_postgres::Error> {
+    reject(tx, consumer, message, reason).await?;
+    Offsets {
+        topics: vec![message.topic().to_owned()],
+        partitions: vec![message.partition()],
+        next: vec![message.offset() + 1],
+    }
+    .write(tx, consumer)
+    .await
 }
 
 async fn reject(
