@@ -261,6 +261,7 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
         r.await.unwrap();
     }
     assert!(report.switched);
+    assert!(report.switch_held.is_some());
     assert!(
         report.changed_products.iter().any(|(id, _)| *id == broken),
         "the corrupted row changed"
@@ -305,8 +306,8 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
     assert_eq!(products, (PRODUCTS + 20) as i64);
     let side_schemas: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
-            &[&report.schema],
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ($1, $2)",
+            &[&report.schema, &format!("{}_retired", report.schema)],
         )
         .await
         .unwrap()

@@ -149,8 +149,9 @@ async fn main() -> anyhow::Result<()> {
             let report = projector::replay::replay(&options).await?;
             if report.switched {
                 println!(
-                    "replayed {} events; reads switched to the rebuild ({} product(s) changed); old rows retired",
+                    "replayed {} events; reads switched to the rebuild in {} ms ({} product(s) changed); old rows retired",
                     report.events,
+                    report.switch_held.unwrap_or_default().as_millis(),
                     report.changed_products.len()
                 );
             } else if no_switch {

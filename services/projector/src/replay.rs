@@ -3,10 +3,11 @@
 //! Side by side (the default): a fresh schema is migrated and filled by replaying every partition from
 //! the beginning with the projector's own batch code, while the live projection keeps serving and the
 //! live projector keeps consuming. Once the rebuild has reached the live projector's stored offsets, the
-//! switch happens in one transaction that locks the live tables (readers wait a moment, never see a
-//! missing or half-copied product), checks again that the rebuild is not behind, replaces the rows and
-//! keeps the newer offsets. The cache entries of products whose rows changed are invalidated, and the
-//! side schema is dropped.
+//! switch happens in one short transaction that locks the live tables (readers wait a few milliseconds,
+//! never see a missing or half-built product), checks again that the rebuild is not behind, moves the
+//! live tables out and the rebuilt ones in (a rename: nothing is copied, so the wait does not grow with
+//! the catalog) and keeps the newer offsets. The cache entries of products whose rows changed are
+//! invalidated, and the retired tables are dropped.
 //!
 //! In place (development): the live projection tables are emptied and refilled directly; stop the
 //! projector first.
@@ -85,6 +86,8 @@ pub struct ReplayReport {
     /// Products whose row differed between the live projection and the rebuild (their cache entries
     /// were invalidated at the switch).
     pub changed_products: Vec<(uuid::Uuid, u64)>,
+    /// How long the switch held the live tables (the longest a reader waited for it).
+    pub switch_held: Option<Duration>,
 }
 
 fn side_schema(live: &str) -> String {
@@ -152,6 +155,7 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
         (options.db.clone(), options.live_group.clone())
     };
     let target_pool = platform::db::pool(&target)?;
+    let retired = format!("{}_retired", target.schema);
     let consumer = from_beginning(&options.kafka)?;
     let mut report = ReplayReport {
         schema: target.schema.clone(),
@@ -216,16 +220,17 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
         if !options.switch {
             break;
         }
-        if let Some(changed) = switch(
+        if let Some(switched) = switch(
             &live_pool,
             &live_schema,
             &target.schema,
+            &retired,
             &options.live_group,
         )
         .await?
         {
-            report.changed_products = changed;
             report.switched = true;
+            report.switch_held = Some(switched.held);
             break;
         }
     }
@@ -234,10 +239,14 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
     }
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     if report.switched {
+        report.changed_products = changed_products(&live_pool, &live_schema, &retired).await?;
         invalidate(options, &report.changed_products).await;
         let client = live_pool.get().await?;
         client
-            .batch_execute(&format!("DROP SCHEMA {} CASCADE", target.schema))
+            .batch_execute(&format!(
+                "DROP SCHEMA {} CASCADE; DROP SCHEMA {retired} CASCADE",
+                target.schema
+            ))
             .await?;
     }
     Ok(report)
@@ -263,16 +272,32 @@ async fn invalidate(options: &ReplayOptions, changed: &[(uuid::Uuid, u64)]) {
     }
 }
 
-/// Replaces the live rows by the rebuilt ones in one transaction, unless the live projector has moved
-/// past the rebuild meanwhile (then `None`: replay on and try again).
+/// What the switch did.
+struct Switched {
+    /// Longest time the switch held the live tables locked (readers waited at most this long).
+    held: Duration,
+}
+
+/// Puts the rebuilt tables in place of the live ones in one short transaction, unless the live
+/// projector has moved past the rebuild meanwhile (then `None`: replay on and try again).
+///
+/// Nothing is copied: each live table moves to a retiring schema and its rebuilt twin moves into the
+/// live schema (catalog updates only), so the lock is held for milliseconds whatever the size of the
+/// catalog. Readers that queued on the old table resolve its name again once they get the lock (as
+/// PostgreSQL does for every statement, prepared ones included) and read the rebuilt one. The offsets
+/// table stays (other consumers keep rows there); the live group's offsets move to the rebuild's.
 async fn switch(
     pool: &Pool,
     live: &str,
     rebuild: &str,
+    retired: &str,
     live_group: &str,
-) -> Result<Option<Vec<(uuid::Uuid, u64)>>, ReplayError> {
+) -> Result<Option<Switched>, ReplayError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    tx.batch_execute(&format!("CREATE SCHEMA {retired}"))
+        .await?;
+    let started = Instant::now();
     // Readers of these tables wait here for the commit; the live projector's next batch too.
     tx.batch_execute(&format!(
         "LOCK TABLE {} , {live}.projection_offsets IN ACCESS EXCLUSIVE MODE",
@@ -289,34 +314,11 @@ async fn switch(
         tx.rollback().await?;
         return Ok(None);
     }
-    let changed = tx
-        .query(
-            &format!(
-                "SELECT r.id, r.version FROM {rebuild}.products r
-                  WHERE NOT EXISTS (SELECT 1 FROM {live}.products l WHERE l = r)"
-            ),
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, uuid::Uuid>(0),
-                u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-            )
-        })
-        .collect();
-    let mut sql = format!(
-        "TRUNCATE {};",
-        PROJECTION_TABLES
-            .iter()
-            .map(|t| format!("{live}.{t}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let mut sql = String::new();
     for table in PROJECTION_TABLES {
         sql.push_str(&format!(
-            "INSERT INTO {live}.{table} SELECT * FROM {rebuild}.{table};"
+            "ALTER TABLE {live}.{table} SET SCHEMA {retired};
+             ALTER TABLE {rebuild}.{table} SET SCHEMA {live};"
         ));
     }
     tx.batch_execute(&sql).await?;
@@ -333,7 +335,37 @@ async fn switch(
         .await?;
     }
     tx.commit().await?;
-    Ok(Some(changed))
+    Ok(Some(Switched {
+        held: started.elapsed(),
+    }))
+}
+
+/// Products whose row in `live` (just switched in) differs from the retired one: their cache entries
+/// must go. Computed after the switch, without any lock held; a product the live projector changed
+/// since shows up too, which only costs one more invalidation.
+async fn changed_products(
+    pool: &Pool,
+    live: &str,
+    retired: &str,
+) -> Result<Vec<(uuid::Uuid, u64)>, ReplayError> {
+    let client = pool.get().await?;
+    Ok(client
+        .query(
+            &format!(
+                "SELECT n.id, n.version FROM {live}.products n
+                  WHERE NOT EXISTS (SELECT 1 FROM {retired}.products o WHERE o = n)"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, uuid::Uuid>(0),
+                u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// Differences between the projection tables of two schemas (empty when identical row for row).
