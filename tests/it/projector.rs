@@ -272,3 +272,33 @@ async fn an_event_the_database_refuses_is_kept_aside_and_the_projection_goes_on(
     projector.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn lag_shows_what_the_projector_has_left_per_partition_and_reaches_zero() {
+    let env = TestEnv::new().await;
+    let streams: Vec<Envelope<ProductEvent>> = (0..5)
+        .flat_map(|_| product_stream(Uuid::now_v7()))
+        .collect();
+    env.publish(&streams).await;
+    let group = env.projector_config().group_id;
+    let topic = env.kafka().topics().products;
+    let groups = vec![(group.clone(), vec![topic.clone()])];
+    let lag_of = || async {
+        let rows = platform::lag::lag(&env.kafka(), &env.db(), &group, &groups)
+            .await
+            .unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.topic == topic && r.source == "postgres")
+        );
+        rows.iter().map(platform::lag::Row::lag).sum::<i64>()
+    };
+    assert_eq!(lag_of().await, 10, "nothing projected yet");
+    let projector = env.spawn_projector();
+    eventually("the projector's lag reaches zero", || async {
+        (lag_of().await == 0).then_some(())
+    })
+    .await;
+    projector.stop().await;
+    env.cleanup().await;
+}

@@ -53,6 +53,44 @@ enum Command {
         #[command(flatten)]
         cache: platform::cache::CacheConfig,
     },
+    /// Print each consumer group's lag per partition (end offset, position, lag, owner).
+    ///
+    /// The projector's position is read from PostgreSQL, where it is exact; the others' from their
+    /// committed offsets. `--watch` reprints every interval.
+    Lag {
+        /// The projector's consumer group.
+        #[arg(long, env = "PROJECTOR_GROUP_ID", default_value = "catalog-projector")]
+        projector_group: String,
+        /// The image worker's consumer group (its retry consumer is `<group>-retry`).
+        #[arg(
+            long,
+            env = "IMAGE_WORKER_GROUP_ID",
+            default_value = "catalog-image-worker"
+        )]
+        image_worker_group: String,
+        /// The example downstream consumer's group.
+        #[arg(
+            long,
+            env = "USER_STATS_GROUP_ID",
+            default_value = "catalog-user-stats"
+        )]
+        user_stats_group: String,
+        /// Number of retry topics (as IMAGE_RETRY_DELAYS_MS has delays).
+        #[arg(
+            long,
+            env = "IMAGE_RETRY_DELAYS_MS",
+            value_delimiter = ',',
+            default_value = "5000,30000,300000"
+        )]
+        retry_delays_ms: Vec<u64>,
+        /// Reprint every this many seconds until interrupted.
+        #[arg(long)]
+        watch: Option<u64>,
+        #[command(flatten)]
+        kafka: KafkaConfig,
+        #[command(flatten)]
+        db: DbConfig,
+    },
     /// Inspect and re-drive the image pipeline's dead-letter topic.
     Dlq {
         #[command(subcommand)]
@@ -171,6 +209,34 @@ async fn main() -> anyhow::Result<()> {
                 }
             } else {
                 println!("replayed {} events in place", report.events);
+            }
+        }
+        Command::Lag {
+            projector_group,
+            image_worker_group,
+            user_stats_group,
+            retry_delays_ms,
+            watch,
+            kafka,
+            db,
+        } => {
+            let topics = kafka.topics();
+            let pipeline = image_worker::PipelineTopics::new(&kafka, retry_delays_ms.len());
+            let groups = vec![
+                (
+                    projector_group.clone(),
+                    topics.all().map(str::to_owned).to_vec(),
+                ),
+                (image_worker_group.clone(), vec![topics.products.clone()]),
+                (format!("{image_worker_group}-retry"), pipeline.retries),
+                (user_stats_group, vec![topics.products.clone()]),
+            ];
+            loop {
+                let rows = platform::lag::lag(&kafka, &db, &projector_group, &groups).await?;
+                platform::lag::print(&rows);
+                let Some(every) = watch else { break };
+                tokio::time::sleep(std::time::Duration::from_secs(every.max(1))).await;
+                println!();
             }
         }
         Command::Dlq {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod event_store;
 pub mod kafka;
+pub mod lag;
 pub mod read_model;
 pub mod shutdown;
 pub mod telemetry;
