@@ -45,6 +45,8 @@ bench:
     scripts/bench-write.sh
     scripts/bench-faults.sh
     scripts/bench-latency.sh
+    scripts/bench-projection.sh
+    scripts/bench-sustained.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:

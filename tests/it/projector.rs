@@ -68,6 +68,8 @@ async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events
 
     let mut config = env.projector_config();
     config.batch_size = 10;
+    // Three lanes: concurrent transactions over disjoint partitions, killed mid-way too.
+    config.parallelism = 3;
     let client = env.pg().await;
     let first = env.spawn_projector_with(config.clone());
     let at_kill = eventually("the projector has written some rows", || async {

@@ -23,6 +23,12 @@ pub struct Config {
     /// the consumer already holds (under load that is already a full batch; idle, no event waits).
     #[arg(long, env = "PROJECTOR_BATCH_WAIT_MS", default_value_t = 0)]
     pub batch_wait_ms: u64,
+    /// Transactions applied at once, each on its own connection, over disjoint sets of partitions (a
+    /// product's events all live in one partition, so lanes never touch the same rows). 1: one at a time.
+    /// Raise it when PostgreSQL has cores and disk to spare; on a 2-core machine that also runs the
+    /// database and the broker it only adds contention (docs/BENCHMARKS.md).
+    #[arg(long, env = "PROJECTOR_PARALLELISM", default_value_t = 1)]
+    pub parallelism: usize,
     /// Apply pending SQL migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", default_value_t = false, action = clap::ArgAction::Set)]
     pub run_migrations: bool,

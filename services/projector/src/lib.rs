@@ -226,50 +226,73 @@ async fn project(
             }
         };
         let batch = fill_batch(consumer, first, config.batch_size, config.batch_wait()).await;
+        let lanes = into_lanes(batch, config.parallelism);
+        let size: usize = lanes.iter().map(Vec::len).sum();
         // Retry the database until it works or we are told to stop: skipping would lose events, and
         // not committing means the batch is simply consumed again after a restart. Parts of the batch
         // already committed (see `apply_isolating`) are skipped by their stored offsets.
         let mut backoff = Duration::from_millis(100);
-        let mut report = BatchReport::default();
         let started = std::time::Instant::now();
         loop {
-            match apply_isolating(pool, &config.group_id, &batch, &mut report).await {
-                Ok(positions) => {
-                    context.advance(&positions);
-                    tracing::debug!(
-                        batch.size = batch.len(),
-                        batch.applied = report.applied,
-                        batch.duplicates = report.duplicates,
-                        batch.parked = report.parked,
-                        batch.rejected = report.rejected,
-                        batch.ms = started.elapsed().as_millis() as u64,
-                        "batch projected"
-                    );
-                    rate.record(&report, batch.len());
-                    commit(consumer, &batch);
-                    if let Some(cache) = cache {
-                        cache.submit(&report.changed_products);
-                    }
-                    break;
-                }
-                Err(error) => {
-                    if let Some(cache) = cache {
-                        cache.submit(&report.changed_products);
-                        report.changed_products.clear();
-                    }
-                    tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot project batch; retrying");
-                    tokio::select! {
-                        () = &mut *shutdown => {
-                            tracing::info!("stopping with an unprojected batch; it will be consumed again");
-                            return Exit::Shutdown;
-                        }
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+            let results = futures::future::join_all(lanes.iter().map(|lane| async {
+                let mut report = BatchReport::default();
+                let result = apply_isolating(pool, &config.group_id, lane, &mut report).await;
+                (report, result)
+            }))
+            .await;
+            let mut report = BatchReport::default();
+            let mut failure = None;
+            for (done, result) in results {
+                report.merge(done);
+                match result {
+                    Ok(positions) => context.advance(&positions),
+                    Err(error) => failure = Some(error),
                 }
             }
+            // What committed is committed, even when another lane failed: drop its cache entries now.
+            if let Some(cache) = cache {
+                cache.submit(&report.changed_products);
+            }
+            let Some(error) = failure else {
+                tracing::debug!(
+                    batch.size = size,
+                    batch.applied = report.applied,
+                    batch.duplicates = report.duplicates,
+                    batch.parked = report.parked,
+                    batch.rejected = report.rejected,
+                    batch.ms = started.elapsed().as_millis() as u64,
+                    "batch projected"
+                );
+                rate.record(&report, size);
+                commit(consumer, lanes.iter().flatten());
+                break;
+            };
+            tracing::error!(%error, retry_in_ms = backoff.as_millis() as u64, "cannot project batch; retrying");
+            tokio::select! {
+                () = &mut *shutdown => {
+                    tracing::info!("stopping with an unprojected batch; it will be consumed again");
+                    return Exit::Shutdown;
+                }
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// Splits a batch into `lanes` by partition, keeping each partition's order: lanes never share a
+/// partition, so never a stream, so they can be applied concurrently.
+fn into_lanes(batch: Vec<OwnedMessage>, lanes: usize) -> Vec<Vec<OwnedMessage>> {
+    let n = lanes.max(1);
+    let mut out: Vec<Vec<OwnedMessage>> = (0..n).map(|_| Vec::new()).collect();
+    for message in batch {
+        // By partition number alone: the topics' partitions spread evenly over the lanes (a user
+        // partition may share a lane with a product partition; they write different tables).
+        let lane = usize::try_from(message.partition()).unwrap_or(0) % n;
+        out[lane].push(message);
+    }
+    out.retain(|lane| !lane.is_empty());
+    out
 }
 
 /// Applied-event counts between two progress log lines.
@@ -421,7 +444,10 @@ async fn load_positions(
 }
 
 /// Commits the group offsets after the batch (asynchronously: PostgreSQL holds the real position).
-fn commit(consumer: &StreamConsumer<PositionContext>, batch: &[OwnedMessage]) {
+fn commit<'a>(
+    consumer: &StreamConsumer<PositionContext>,
+    batch: impl Iterator<Item = &'a OwnedMessage>,
+) {
     let mut tpl = TopicPartitionList::new();
     let mut next: std::collections::HashMap<(&str, i32), i64> = std::collections::HashMap::new();
     for m in batch {
