@@ -662,6 +662,58 @@ async fn a_hung_image_store_sends_jobs_to_the_retry_ladder_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_image_origin_is_skipped_after_a_few_timeouts_and_other_origins_are_not_delayed() {
+    let env = TestEnv::new().await;
+    let healthy = ImageServer::start(0).await;
+    // An image server that accepts connections and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_base = format!("http://{}", hung.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let mut config = env.worker_config();
+    config.origin_breaker_failures = 2;
+    config.origin_breaker_cool_down_ms = 60_000;
+    let worker = env.spawn_worker_with(config);
+    let user = api.create_user().await;
+    let mut hung_products = Vec::new();
+    for n in 0..4 {
+        hung_products
+            .push(create_product(&api, &user, &[format!("{hung_base}/photo/{n}.jpg")]).await);
+    }
+    let fine = create_product(&api, &user, &[healthy.url("/photo/origin-fine.jpg")]).await;
+    let product = settled(&api, &fine, 3).await;
+    assert_eq!(product["images"][0]["status"], "ready", "{product}");
+    let mut classes = Vec::new();
+    for id in &hung_products {
+        let product = settled(&api, id, 3).await;
+        let image = &product["images"][0];
+        assert_eq!(image["status"], "failed", "{product}");
+        classes.push(image["error_class"].as_str().unwrap().to_owned());
+    }
+    // After two timeouts the origin is skipped: later attempts do not wait for it.
+    assert!(
+        classes.iter().any(|c| c == "origin_unavailable"),
+        "{classes:?}"
+    );
+    assert!(
+        classes
+            .iter()
+            .all(|c| c == "origin_unavailable" || c == "timeout"),
+        "{classes:?}"
+    );
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_the_worker_cannot_read_are_kept_with_their_reason_not_dropped() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;

@@ -34,6 +34,18 @@ pub struct Config {
     #[arg(long, env = "IMAGE_FETCH_TIMEOUT_MS", default_value_t = 5_000)]
     pub fetch_timeout_ms: u64,
     /// Most redirects followed.
+    /// Failed or timed-out downloads in a row from one origin (scheme, host and port) after which
+    /// downloads from it are skipped (jobs go to the retry ladder at once, class
+    /// `origin_unavailable`) until the cool-down has passed.
+    #[arg(long, env = "IMAGE_ORIGIN_BREAKER_FAILURES", default_value_t = 5)]
+    pub origin_breaker_failures: u32,
+    /// How long an origin's open circuit skips downloads before one probes it, in milliseconds.
+    #[arg(
+        long,
+        env = "IMAGE_ORIGIN_BREAKER_COOL_DOWN_MS",
+        default_value_t = 5_000
+    )]
+    pub origin_breaker_cool_down_ms: u64,
     #[arg(long, env = "IMAGE_FETCH_MAX_REDIRECTS", default_value_t = 3)]
     pub fetch_max_redirects: usize,
     /// Largest source image accepted, in bytes (enforced while streaming).

@@ -158,6 +158,8 @@ impl Resolve for GuardedResolver {
     }
 }
 
+use platform::breaker::CircuitBreaker;
+
 /// Download limits.
 #[derive(Debug, Clone)]
 pub struct FetchLimits {
@@ -169,6 +171,40 @@ pub struct FetchLimits {
     pub max_redirects: usize,
     /// Most bytes read; larger bodies are refused while streaming.
     pub max_bytes: usize,
+    /// Failures in a row from one origin that open its circuit.
+    pub origin_breaker_failures: u32,
+    /// How long an origin's open circuit skips downloads.
+    pub origin_breaker_cool_down: Duration,
+}
+
+/// Most origins whose breakers are remembered; beyond it, closed ones are forgotten (a closed breaker
+/// with no failures is the same as a new one).
+const MAX_ORIGINS: usize = 10_000;
+
+/// One circuit breaker per origin (`scheme://host:port`): an image server that hangs or refuses costs
+/// one timeout per cool-down, not one per image, and never delays images from other origins.
+#[derive(Default)]
+struct Origins {
+    breakers: std::sync::Mutex<std::collections::HashMap<String, Arc<CircuitBreaker>>>,
+}
+
+impl Origins {
+    fn breaker(&self, origin: &str, limits: &FetchLimits) -> Arc<CircuitBreaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = breakers.get(origin) {
+            return b.clone();
+        }
+        if breakers.len() >= MAX_ORIGINS {
+            breakers.retain(|_, b| b.is_open());
+        }
+        let breaker = Arc::new(CircuitBreaker::new(
+            format!("image origin {origin}"),
+            limits.origin_breaker_failures,
+            limits.origin_breaker_cool_down,
+        ));
+        breakers.insert(origin.to_owned(), breaker.clone());
+        breaker
+    }
 }
 
 /// An HTTP client that enforces [`FetchLimits`] and an [`AddressPolicy`] on every hop.
@@ -177,6 +213,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
     limits: FetchLimits,
+    origins: Arc<Origins>,
 }
 
 impl Fetcher {
@@ -212,6 +249,7 @@ impl Fetcher {
             client,
             policy,
             limits,
+            origins: Arc::default(),
         })
     }
 
@@ -230,6 +268,22 @@ impl Fetcher {
                 return Err(ForbiddenAddress(ip).failure());
             }
         }
+        let origin = parsed.origin().ascii_serialization();
+        let breaker = self.origins.breaker(&origin, &self.limits);
+        if !breaker.allow() {
+            return Err(Failure::retryable(
+                "origin_unavailable",
+                "the image server failed repeatedly; downloads from it are paused for a while",
+            ));
+        }
+        let result = self.download(parsed).await;
+        // The origin is at fault only when it did not answer properly (timeouts, refused
+        // connections, 5xx, 429); a 404 or a body that is not an image is the image's fault.
+        breaker.record(!matches!(&result, Err(f) if f.retryable));
+        result
+    }
+
+    async fn download(&self, parsed: url::Url) -> Result<Bytes, Failure> {
         let mut response = self.client.get(parsed).send().await.map_err(classify)?;
         let status = response.status();
         if !status.is_success() {

@@ -11,7 +11,8 @@ use uuid::Uuid;
 /// Why an image could not be processed, and whether trying again may help.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
-    /// Machine-readable class: `timeout`, `connect`, `http_5xx`, `http_4xx`, `storage`,
+    /// Machine-readable class: `timeout`, `connect`, `http_5xx`, `http_4xx`, `origin_unavailable`,
+    /// `storage`,
     /// `forbidden_address`, `too_large`, `not_an_image`, `decode`, `too_many_pixels`, `invalid_url`,
     /// `redirect`, `transport`.
     pub class: String,

@@ -78,6 +78,8 @@ pub async fn run(
             total_timeout: Duration::from_millis(config.fetch_timeout_ms),
             max_redirects: config.fetch_max_redirects,
             max_bytes: config.fetch_max_bytes,
+            origin_breaker_failures: config.origin_breaker_failures,
+            origin_breaker_cool_down: Duration::from_millis(config.origin_breaker_cool_down_ms),
         },
         AddressPolicy {
             allow: config.allow_networks().map_err(StartupError::Config)?,

@@ -19,7 +19,7 @@ enum State {
 /// See the module docs.
 #[derive(Debug)]
 pub struct CircuitBreaker {
-    name: &'static str,
+    name: std::borrow::Cow<'static, str>,
     threshold: u32,
     cool_down: Duration,
     state: Mutex<State>,
@@ -28,9 +28,13 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     /// A closed breaker for dependency `name` that opens after `threshold` failures in a row and
     /// probes again after `cool_down`.
-    pub fn new(name: &'static str, threshold: u32, cool_down: Duration) -> Self {
+    pub fn new(
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        threshold: u32,
+        cool_down: Duration,
+    ) -> Self {
         Self {
-            name,
+            name: name.into(),
             threshold: threshold.max(1),
             cool_down,
             state: Mutex::new(State::Closed { failures: 0 }),
@@ -46,7 +50,7 @@ impl CircuitBreaker {
             State::HalfOpen => false,
             State::Open { until } if Instant::now() >= until => {
                 *state = State::HalfOpen;
-                tracing::info!(dependency = self.name, "circuit half-open: probing");
+                tracing::info!(dependency = %self.name, "circuit half-open: probing");
                 true
             }
             State::Open { .. } => false,
@@ -70,12 +74,12 @@ impl CircuitBreaker {
             (State::Closed { .. }, State::Closed { .. }) => {}
             (_, State::Closed { .. }) => {
                 tracing::info!(
-                    dependency = self.name,
+                    dependency = %self.name,
                     "circuit closed: calls go through again"
                 );
             }
             (State::Closed { .. } | State::HalfOpen, State::Open { .. }) => tracing::warn!(
-                dependency = self.name,
+                dependency = %self.name,
                 cool_down_ms = self.cool_down.as_millis() as u64,
                 "circuit opened: calls are skipped until the cool-down has passed"
             ),
