@@ -82,6 +82,23 @@ async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_tim
     for write in during {
         assert_eq!(write.await.unwrap(), 503, "a write during the pause");
     }
+    // Three failed publishes opened the broker's circuit: the next write does not wait for the 10 s
+    // message timeout; it is recorded and answered 503 at once.
+    let started = Instant::now();
+    let shed = api
+        .http
+        .post(api.url("/products"))
+        .header("idempotency-key", Uuid::new_v4().to_string())
+        .json(&product_body(&user))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), 503);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "a write with the circuit open waited {waited:?}"
+    );
     let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 503, "not ready while the broker is paused");
     broker.resume();
@@ -112,7 +129,7 @@ async fn writes_come_back_after_the_broker_is_paused_longer_than_the_message_tim
             .then_some(commands)
     })
     .await;
-    assert_eq!(commands.len(), 5);
+    assert_eq!(commands.len(), 6);
     // The job in flight during the stall finishes: its image is ready.
     let product = settled(&api, &in_flight, 3).await;
     assert_eq!(product["images"][0]["status"], "ready", "{product}");

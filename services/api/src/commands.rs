@@ -200,12 +200,15 @@ pub(crate) async fn execute(
     }
     if creates_stream {
         let wires: Vec<events::WireEnvelope> = new_events.into_iter().map(|e| e.wire).collect();
-        event_store::publish_new_stream(
-            &state.pool,
-            &state.producer,
-            &state.topics,
-            &wires,
-            EVENT_SOURCE,
+        guarded(
+            state,
+            event_store::publish_new_stream(
+                &state.pool,
+                &state.producer,
+                &state.topics,
+                &wires,
+                EVENT_SOURCE,
+            ),
         )
         .await?;
     } else if !new_events.is_empty() {
@@ -219,7 +222,32 @@ pub(crate) async fn execute(
 
 /// Publishes every unpublished event of the stream, in order.
 async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
-    event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id).await?;
+    guarded(
+        state,
+        event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id),
+    )
+    .await
+}
+
+/// Runs a publish through the broker's circuit breaker. While the broker keeps failing, a write does
+/// not wait for the producer's message timeout: its events are already recorded, so it is answered
+/// 503 at once and the outbox relay publishes them when the broker is back. One write per cool-down
+/// probes the broker; its success closes the circuit.
+async fn guarded<T>(
+    state: &AppState,
+    publish: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<(), ApiError> {
+    if !state.broker_breaker.allow() {
+        return Err(ApiError::Unavailable(
+            "the broker is not answering; the change is recorded and will be published when it is back"
+                .into(),
+        ));
+    }
+    let result = publish.await;
+    state
+        .broker_breaker
+        .record(!matches!(result, Err(StoreError::Kafka(_))));
+    result?;
     Ok(())
 }
 

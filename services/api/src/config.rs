@@ -26,6 +26,14 @@ pub struct Config {
     /// `Retry-After`, in milliseconds (load shedding instead of an unbounded queue).
     #[arg(long, env = "API_POOL_WAIT_MS", default_value_t = 1_000)]
     pub pool_wait_ms: u64,
+    /// Failed publishes in a row (broker errors or timeouts) after which writes stop waiting for the
+    /// broker: their changes are recorded and answered 503 at once, and the outbox relay publishes
+    /// them when the broker is back.
+    #[arg(long, env = "KAFKA_BREAKER_FAILURES", default_value_t = 3)]
+    pub broker_breaker_failures: u32,
+    /// How long writes skip the broker before one write probes it again, in milliseconds.
+    #[arg(long, env = "KAFKA_BREAKER_COOL_DOWN_MS", default_value_t = 1_000)]
+    pub broker_breaker_cool_down_ms: u64,
     /// Connections reserved for reads (a pool of their own, so reads never starve writes or the
     /// reverse); 0 means `DB_POOL_SIZE`.
     #[arg(long, env = "API_READ_POOL_SIZE", default_value_t = 0)]

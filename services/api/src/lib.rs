@@ -219,6 +219,11 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         pool,
         read_pool,
         producer,
+        broker_breaker: Arc::new(platform::breaker::CircuitBreaker::new(
+            "kafka (request path)",
+            config.broker_breaker_failures,
+            Duration::from_millis(config.broker_breaker_cool_down_ms),
+        )),
         topics: Arc::new(config.kafka.topics()),
         read_wait: Duration::from_millis(config.read_wait_ms),
         db_timeout: config.db.timeout(),

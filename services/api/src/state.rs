@@ -36,6 +36,8 @@ pub struct Shared {
     pub read_pool: Pool,
     /// The event producer (idempotent, acks=all; replaced after a fatal error).
     pub producer: platform::kafka::EventProducer,
+    /// Skips publishing in the request path while the broker keeps failing (the relay publishes).
+    pub broker_breaker: Arc<platform::breaker::CircuitBreaker>,
     /// Event topic names.
     pub topics: Arc<Topics>,
     /// How long a read waits for the projection to reach a version this API accepted.
