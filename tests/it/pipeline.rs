@@ -714,6 +714,51 @@ async fn a_hung_image_origin_is_skipped_after_a_few_timeouts_and_other_origins_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_caught_by_an_s3_pause_are_retried_and_none_fails_for_good() {
+    let s3 = crate::procs::PrivateS3::start().await;
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let mut config = env.worker_config();
+    config.store.endpoint = s3.endpoint();
+    config.store.store_timeout_ms = 500;
+    // The ladder outlasts the pause: retries 1, 2 and 4 s after a failure.
+    config.retry_delays_ms = vec![1_000, 2_000, 4_000];
+    let worker = env.spawn_worker_with(config);
+    let user = api.create_user().await;
+    let first = create_product(&api, &user, &[server.url("/photo/before-pause.jpg")]).await;
+    assert_eq!(
+        settled(&api, &first, 3).await["images"][0]["status"],
+        "ready"
+    );
+
+    // Uploads in flight when S3 stops answering, and jobs arriving while it is stopped.
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(
+            create_product(&api, &user, &[server.url(&format!("/photo/pause-{n}.jpg"))]).await,
+        );
+    }
+    s3.pause();
+    for n in 4..6 {
+        ids.push(
+            create_product(&api, &user, &[server.url(&format!("/photo/pause-{n}.jpg"))]).await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    s3.resume();
+    for id in &ids {
+        let product = settled(&api, id, 3).await;
+        assert_eq!(product["images"][0]["status"], "ready", "{product}");
+    }
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_the_worker_cannot_read_are_kept_with_their_reason_not_dropped() {
     let env = TestEnv::new().await;
     let api = env.spawn_api().await;

@@ -141,3 +141,106 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A SeaweedFS S3 server of one test (every port its own), stopped and its data removed when dropped.
+pub struct PrivateS3 {
+    /// Its S3 port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl PrivateS3 {
+    /// Starts one with bucket `images` and the test credentials, and waits until S3 answers.
+    pub async fn start() -> Self {
+        let out = Command::new(repo_root().join("scripts/s3.sh"))
+            .arg("ensure")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("scripts/s3.sh runs");
+        assert!(out.status.success(), "scripts/s3.sh ensure failed");
+        let weed = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("catalog-s3-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join("weed.log")).unwrap();
+        let p = |name: &str| format!("-{name}={}", free_port());
+        let child = Command::new(weed)
+            .env("AWS_ACCESS_KEY_ID", "catalog")
+            .env("AWS_SECRET_ACCESS_KEY", "catalog-secret")
+            .current_dir(&dir)
+            .args([
+                format!("-logdir={}", dir.display()),
+                "mini".to_owned(),
+                format!("-dir={}", dir.display()),
+                "-ip=127.0.0.1".to_owned(),
+                "-ip.bind=127.0.0.1".to_owned(),
+                "-master.telemetry=false".to_owned(),
+                "-webdav=false".to_owned(),
+                "-admin.ui=false".to_owned(),
+                p("admin.port"),
+                p("admin.port.grpc"),
+                p("master.port"),
+                p("master.port.grpc"),
+                p("volume.port"),
+                p("volume.port.grpc"),
+                p("filer.port"),
+                p("filer.port.grpc"),
+                p("s3.port.grpc"),
+                format!("-s3.port={port}"),
+                "-s3.port.iceberg=0".to_owned(),
+                "-s3.port.lance=0".to_owned(),
+                format!("-s3.localSocket={}/s3.sock", dir.display()),
+                format!("-filer.localSocket={}/filer.sock", dir.display()),
+                "-bucket=images".to_owned(),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("weed starts");
+        let s3 = Self { port, dir, child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let http = reqwest::Client::new();
+        while http
+            .get(format!("{}/images/", s3.endpoint()))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private S3 did not start; see {}",
+                s3.dir.join("weed.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s3
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Lets it go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
