@@ -47,6 +47,7 @@ bench:
     scripts/bench-latency.sh
     scripts/bench-projection.sh
     scripts/bench-sustained.sh
+    scripts/bench-s3-pause.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:

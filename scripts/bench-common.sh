@@ -11,6 +11,8 @@ tmp="$(mktemp -d)"
 pids=()
 cleanup() {
     if declare -F bench_cleanup_extra >/dev/null; then bench_cleanup_extra; fi
+    # BENCH_KEEP_LOGS=DIR keeps the services' logs of the run.
+    if [ -n "${BENCH_KEEP_LOGS:-}" ]; then mkdir -p "$BENCH_KEEP_LOGS"; cp "$tmp"/*.log "$BENCH_KEEP_LOGS"/ 2>/dev/null || true; fi
     kill "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$tmp"
