@@ -304,3 +304,32 @@ async fn lag_shows_what_the_projector_has_left_per_partition_and_reaches_zero() 
     projector.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn every_committed_batch_is_announced_to_waiting_readers() {
+    let env = TestEnv::new().await;
+    // A fallback far longer than the test: only an announcement can move the counter in time.
+    let mut commits =
+        platform::db::projection_commits(&env.db(), std::time::Duration::from_secs(600));
+    // The first move says LISTEN is in place.
+    tokio::time::timeout(std::time::Duration::from_secs(10), commits.changed())
+        .await
+        .expect("the listener connects")
+        .unwrap();
+    commits.borrow_and_update();
+    let projector = env.spawn_projector();
+    env.publish(&product_stream(Uuid::now_v7())).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), commits.changed())
+        .await
+        .expect("the projector's commit is announced")
+        .unwrap();
+    // Announcements are per schema: another schema's channel is not this one.
+    let mut other = env.db();
+    other.schema.push_str("_other");
+    assert_ne!(
+        platform::db::projection_channel(&env.db()),
+        platform::db::projection_channel(&other)
+    );
+    projector.stop().await;
+    env.cleanup().await;
+}

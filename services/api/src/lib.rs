@@ -225,6 +225,7 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
             Duration::from_millis(config.broker_breaker_cool_down_ms),
         )),
         topics: Arc::new(config.kafka.topics()),
+        projection_commits: platform::db::projection_commits(&config.db, Duration::from_millis(10)),
         read_wait: Duration::from_millis(config.read_wait_ms),
         db_timeout: config.db.timeout(),
         cache: platform::cache::ProductCache::connect(&config.cache)

@@ -13,8 +13,10 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-/// How often a read waiting for the projection looks again.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest a read waiting for the projection goes without looking again, even if no commit was
+/// announced (a safety net: commits are announced by `LISTEN`/`NOTIFY`, see
+/// [`platform::db::projection_commits`]).
+const SAFETY_POLL: Duration = Duration::from_millis(100);
 
 /// One look at a projected row.
 #[derive(Debug, Clone)]
@@ -60,8 +62,11 @@ pub(crate) async fn projected<T>(
 /// accepted for it, or `wait` runs out; then returns the row as it is (callers compare versions).
 ///
 /// An id that is neither projected nor accepted, with no `min_version`, is answered at once.
-/// Between looks nothing is held but a timer, and dropping the returned future stops the wait.
+/// Between looks nothing is held but a timer and a subscription to the projector's commit
+/// announcements: a read wakes when a batch commits, not on a polling interval. Dropping the
+/// returned future stops the wait.
 pub(crate) async fn wait_projected<T, F, Fut>(
+    commits: &tokio::sync::watch::Receiver<u64>,
     wait: Duration,
     min_version: u64,
     version_of: impl Fn(&T) -> u64,
@@ -72,7 +77,10 @@ where
     Fut: Future<Output = Result<Projected<T>, ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + wait;
+    let mut commits = commits.clone();
     loop {
+        // Mark the commits seen before looking: one committed after this wakes the wait below.
+        commits.borrow_and_update();
         let Projected { value, accepted } = look().await?;
         let wanted = accepted.max(min_version);
         let caught_up = match &value {
@@ -83,6 +91,11 @@ where
         if caught_up || now >= deadline {
             return Ok(value);
         }
-        tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
+        let nap = SAFETY_POLL.min(deadline - now);
+        match tokio::time::timeout(nap, commits.changed()).await {
+            Ok(Ok(())) | Err(_) => {}
+            // No announcer (it stopped): fall back to the timer alone.
+            Ok(Err(_)) => tokio::time::sleep(nap).await,
+        }
     }
 }

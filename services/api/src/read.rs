@@ -242,6 +242,7 @@ pub async fn product(
     }
     let led = std::sync::atomic::AtomicBool::new(false);
     let found = query::wait_projected(
+        &state.projection_commits,
         state.read_wait,
         min_version,
         |r: &Representation| r.version,

@@ -40,6 +40,9 @@ pub struct Shared {
     pub broker_breaker: Arc<platform::breaker::CircuitBreaker>,
     /// Event topic names.
     pub topics: Arc<Topics>,
+    /// Moves every time the projector commits a batch (`LISTEN`/`NOTIFY`): reads waiting for the
+    /// projection wake on it.
+    pub projection_commits: tokio::sync::watch::Receiver<u64>,
     /// How long a read waits for the projection to reach a version this API accepted.
     pub read_wait: std::time::Duration,
     /// Longest a single database read may take (pool checkout included).

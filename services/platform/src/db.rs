@@ -242,3 +242,83 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<&'stat
     }
     Ok(applied)
 }
+
+/// The `LISTEN`/`NOTIFY` channel on which the projector announces each committed batch (one per
+/// schema, so deployments and tests sharing a database do not wake each other).
+pub fn projection_channel(cfg: &DbConfig) -> String {
+    let mut channel = format!("catalog_projected_{}", cfg.schema);
+    channel.truncate(63);
+    channel
+}
+
+/// A counter that moves every time the projector commits a batch in `cfg`'s schema, kept by one
+/// dedicated `LISTEN` connection (not a pooled one), reconnected after any failure. While it is not
+/// connected the counter still moves every `fallback`, so a waiter looks again at least that often.
+pub fn projection_commits(
+    cfg: &DbConfig,
+    fallback: std::time::Duration,
+) -> tokio::sync::watch::Receiver<u64> {
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let channel = projection_channel(&cfg);
+        let bump =
+            |tx: &tokio::sync::watch::Sender<u64>| tx.send_modify(|n| *n = n.wrapping_add(1));
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            match listen(&cfg, &channel, &tx).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "projection notifications unavailable; read-your-writes polls instead");
+                }
+            }
+            // Not listening: wake waiters on a timer until the connection is back.
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(fallback).await;
+                bump(&tx);
+            }
+        }
+    });
+    rx
+}
+
+async fn listen(
+    cfg: &DbConfig,
+    channel: &str,
+    tx: &tokio::sync::watch::Sender<u64>,
+) -> Result<(), DbError> {
+    use futures::StreamExt;
+    let (client, mut connection) =
+        tokio::time::timeout(cfg.timeout(), pg_config(cfg, &cfg.name).connect(NoTls))
+            .await
+            .map_err(|_| DbError::Timeout(format!("{}:{}", cfg.host, cfg.port)))??;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let sql = format!("LISTEN \"{channel}\"");
+    let listening = client.batch_execute(&sql);
+    tokio::pin!(listening);
+    // The connection must be driven while LISTEN runs.
+    loop {
+        tokio::select! {
+            done = &mut listening => { done?; break; }
+            message = messages.next() => match message {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+        }
+    }
+    // Anything committed before LISTEN took effect is not announced: wake waiters once.
+    tx.send_modify(|n| *n = n.wrapping_add(1));
+    while let Some(message) = messages.next().await {
+        if let tokio_postgres::AsyncMessage::Notification(_) = message? {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+            if tx.is_closed() {
+                return Ok(());
+            }
+        }
+    }
+    Err(DbError::Timeout("the LISTEN connection closed".into()))
+}

@@ -315,6 +315,7 @@ pub async fn apply_batch(
         upsert_users(tx, &dirty_users),
         parked.write(tx),
         offsets.write(tx, consumer),
+        announce(tx, report.applied > 0),
     )?;
     Ok((report, positions))
 }
@@ -442,6 +443,19 @@ fn attach_parked<S>(
             .parked
             .insert(sequence, envelope);
     }
+}
+
+/// Announces the batch to readers waiting for the projection (`platform::db::projection_commits`):
+/// PostgreSQL delivers the notification when the transaction commits, and never if it rolls back.
+async fn announce(tx: &Transaction<'_>, changed: bool) -> Result<(), tokio_postgres::Error> {
+    if !changed {
+        return Ok(());
+    }
+    let statement = tx
+        .prepare_cached("SELECT pg_notify(left('catalog_projected_' || current_schema(), 63), '')")
+        .await?;
+    tx.execute(&statement, &[]).await?;
+    Ok(())
 }
 
 /// Rows for `product_events`, as columns.

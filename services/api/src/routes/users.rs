@@ -184,6 +184,7 @@ async fn get_user(
 ) -> Result<Json<UserState>, ApiError> {
     let id = path_id(&id)?;
     query::wait_projected(
+        &state.projection_commits,
         state.read_wait,
         0,
         |u: &UserState| u.version,
