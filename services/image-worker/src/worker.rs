@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use events::{
@@ -98,22 +98,25 @@ pub enum JobError {
 /// Processes one image: fetch, then (unless every variant is already stored) decode and encode, then
 /// store. Returns its outcome, or a failure.
 async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, Failure> {
+    let started = Instant::now();
     let source = ctx.fetcher.fetch(&image.url).await?;
+    let downloaded = Instant::now();
     let hash = hex(&Sha256::digest(&source));
     let keys: Vec<String> = DEFAULT_VARIANTS
         .iter()
         .map(|s| ctx.store.key(&hash, s))
         .collect();
-    let mut sizes = Vec::with_capacity(keys.len());
-    for key in &keys {
-        sizes.push(ctx.store.size(key).await?);
-    }
+    // The store is asked about every variant at once (one round trip's wait, not four).
+    let sizes = futures::future::try_join_all(keys.iter().map(|key| ctx.store.size(key))).await?;
+    let checked = Instant::now();
     let permit = ctx
         .cpu
         .clone()
         .acquire_owned()
         .await
         .expect("semaphore never closes");
+    let got_cpu = Instant::now();
+    let mut rendered = got_cpu;
     let limits = ctx.limits;
     let span = tracing::Span::current();
     let variants = if sizes.iter().all(Option::is_some) {
@@ -149,22 +152,42 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         })
         .await
         .map_err(|e| Failure::retryable("worker", e.to_string()))??;
-        let mut variants = Vec::with_capacity(encoded.len());
-        for (e, key) in encoded.into_iter().zip(&keys) {
-            let size = e.bytes.len() as u64;
-            ctx.store.put_if_absent(key, e.bytes).await?;
-            variants.push(variant(
-                ctx,
-                image.position,
-                &e.spec,
-                key,
-                e.width,
-                e.height,
-                size,
-            ));
-        }
+        rendered = Instant::now();
+        let variants: Vec<ImageVariant> = encoded
+            .iter()
+            .zip(&keys)
+            .map(|(e, key)| {
+                variant(
+                    ctx,
+                    image.position,
+                    &e.spec,
+                    key,
+                    e.width,
+                    e.height,
+                    e.bytes.len() as u64,
+                )
+            })
+            .collect();
+        // The variants are stored concurrently.
+        futures::future::try_join_all(
+            encoded
+                .into_iter()
+                .zip(&keys)
+                .map(|(e, key)| ctx.store.put_if_absent(key, e.bytes)),
+        )
+        .await?;
         variants
     };
+    let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
+    let stored = Instant::now();
+    tracing::info!(
+        hop.download_ms = ms(started, downloaded),
+        hop.store_check_ms = ms(downloaded, checked),
+        hop.cpu_wait_ms = ms(checked, got_cpu),
+        hop.render_ms = ms(got_cpu, rendered),
+        hop.store_ms = ms(rendered, stored),
+        "image processed"
+    );
     Ok(ImageOutcome {
         position: image.position,
         url: image.url.clone(),
@@ -204,6 +227,7 @@ fn hex(bytes: &[u8]) -> String {
 /// what failed for good (dead-letter topic) and, once every image has an outcome, appends
 /// `ImagesProcessed`. Returns when all of that is acknowledged.
 async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), JobError> {
+    let started = Instant::now();
     let pending = job.pending();
     let results = join_all(pending.iter().map(|image| {
         let span =
@@ -293,8 +317,14 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
     for ack in acks {
         ack?;
     }
+    let processed = Instant::now();
     if job.pending().is_empty() {
         append_result(ctx, &job).await?;
+        tracing::info!(
+            hop.images_ms = (processed - started).as_secs_f64() * 1000.0,
+            hop.result_ms = processed.elapsed().as_secs_f64() * 1000.0,
+            "job answered"
+        );
     }
     Ok(())
 }
@@ -534,6 +564,11 @@ async fn handle(
                 "event.aggregate_id",
                 tracing::field::display(job.product_id),
             );
+            // From the producer's timestamp of the request to this worker holding it.
+            if let Some(produced) = message.timestamp().to_millis() {
+                let lag = chrono::Utc::now().timestamp_millis() - produced;
+                tracing::info!(parent: &span, hop.delivery_ms = lag, "job received");
+            }
             span.record("job.attempt", job.attempt + 1);
             loop {
                 match run_job(ctx, (*job).clone(), &origin)

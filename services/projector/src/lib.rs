@@ -226,6 +226,12 @@ async fn project(
             }
         };
         let batch = fill_batch(consumer, first, config.batch_size, config.batch_wait()).await;
+        // From the producer's timestamp of the oldest event in the batch to the batch in hand.
+        let delivery_ms = batch
+            .iter()
+            .filter_map(|m| m.timestamp().to_millis())
+            .min()
+            .map_or(0, |t| chrono::Utc::now().timestamp_millis() - t);
         let lanes = into_lanes(batch, config.parallelism);
         let size: usize = lanes.iter().map(Vec::len).sum();
         // Retry the database until it works or we are told to stop: skipping would lose events, and
@@ -260,7 +266,8 @@ async fn project(
                     batch.duplicates = report.duplicates,
                     batch.parked = report.parked,
                     batch.rejected = report.rejected,
-                    batch.ms = started.elapsed().as_millis() as u64,
+                    hop.delivery_ms = delivery_ms,
+                    hop.apply_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "batch projected"
                 );
                 rate.record(&report, size);
