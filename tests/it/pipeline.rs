@@ -723,8 +723,11 @@ async fn jobs_caught_by_an_s3_pause_are_retried_and_none_fails_for_good() {
     let mut config = env.worker_config();
     config.store.endpoint = s3.endpoint();
     config.store.store_timeout_ms = 500;
-    // The ladder outlasts the pause: retries 1, 2 and 4 s after a failure.
-    config.retry_delays_ms = vec![1_000, 2_000, 4_000];
+    config.store.store_breaker_cool_down_ms = 500;
+    // The ladder outlasts the pause and the breaker's cool-down by far: retries 1, 2, 4 and 8 s after
+    // a failure (a retry that meets the circuit still open, or another job's probe in flight, only
+    // climbs one rung).
+    config.retry_delays_ms = vec![1_000, 2_000, 4_000, 8_000];
     let worker = env.spawn_worker_with(config);
     let user = api.create_user().await;
     let first = create_product(&api, &user, &[server.url("/photo/before-pause.jpg")]).await;

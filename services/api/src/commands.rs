@@ -237,16 +237,14 @@ async fn guarded<T>(
     state: &AppState,
     publish: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<(), ApiError> {
-    if !state.broker_breaker.allow() {
+    let Some(attempt) = state.broker_breaker.attempt() else {
         return Err(ApiError::Unavailable(
             "the broker is not answering; the change is recorded and will be published when it is back"
                 .into(),
         ));
-    }
+    };
     let result = publish.await;
-    state
-        .broker_breaker
-        .record(!matches!(result, Err(StoreError::Kafka(_))));
+    attempt.record(!matches!(result, Err(StoreError::Kafka(_))));
     result?;
     Ok(())
 }

@@ -270,16 +270,16 @@ impl Fetcher {
         }
         let origin = parsed.origin().ascii_serialization();
         let breaker = self.origins.breaker(&origin, &self.limits);
-        if !breaker.allow() {
+        let Some(attempt) = breaker.attempt() else {
             return Err(Failure::retryable(
                 "origin_unavailable",
                 "the image server failed repeatedly; downloads from it are paused for a while",
             ));
-        }
+        };
         let result = self.download(parsed).await;
         // The origin is at fault only when it did not answer properly (timeouts, refused
         // connections, 5xx, 429); a 404 or a body that is not an image is the image's fault.
-        breaker.record(!matches!(&result, Err(f) if f.retryable));
+        attempt.record(!matches!(&result, Err(f) if f.retryable));
         result
     }
 

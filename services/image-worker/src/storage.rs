@@ -185,19 +185,19 @@ impl ImageStore {
         call: impl std::future::Future<Output = Result<T, object_store::Error>>,
         answered: impl Fn(&Result<T, object_store::Error>) -> bool,
     ) -> Result<Result<T, object_store::Error>, Failure> {
-        if !self.breaker.allow() {
+        let Some(attempt) = self.breaker.attempt() else {
             return Err(Failure::retryable(
                 "storage",
                 "the image store is unavailable (skipped while its circuit is open)",
             ));
-        }
+        };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => {
-                self.breaker.record(answered(&result));
+                attempt.record(answered(&result));
                 Ok(result)
             }
             Err(_) => {
-                self.breaker.record(false);
+                attempt.record(false);
                 Err(Failure::retryable(
                     "storage",
                     "the image store did not answer in time",

@@ -106,8 +106,13 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         .iter()
         .map(|s| ctx.store.key(&hash, s))
         .collect();
-    // The store is asked about every variant at once (one round trip's wait, not four).
-    let sizes = futures::future::try_join_all(keys.iter().map(|key| ctx.store.size(key))).await?;
+    // The store is asked about every variant at once (one round trip's wait, not four). Every call
+    // runs to its end (join, not try_join): one refused call must not cancel a sibling that is the
+    // store breaker's probe, or the breaker would never learn that the store is back.
+    let sizes = join_all(keys.iter().map(|key| ctx.store.size(key)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
     let checked = Instant::now();
     let permit = ctx
         .cpu
@@ -168,14 +173,16 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
                 )
             })
             .collect();
-        // The variants are stored concurrently.
-        futures::future::try_join_all(
+        // The variants are stored concurrently (each call to its end, as above).
+        join_all(
             encoded
                 .into_iter()
                 .zip(&keys)
                 .map(|(e, key)| ctx.store.put_if_absent(key, e.bytes)),
         )
-        .await?;
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
         variants
     };
     let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;

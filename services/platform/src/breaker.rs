@@ -43,7 +43,7 @@ impl CircuitBreaker {
 
     /// Whether a call may go out now. When the cool-down is over, the first caller gets to probe and
     /// the others keep being refused until the probe reports.
-    pub fn allow(&self) -> bool {
+    fn allow(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match *state {
             State::Closed { .. } => true,
@@ -88,12 +88,56 @@ impl CircuitBreaker {
         *state = next;
     }
 
+    /// An attempt at a call, if one may go out now (closed: always; open: once the cool-down has passed, one probe at a time). Report its outcome with
+    /// [`Attempt::record`]; an attempt dropped unreported (the caller was cancelled: a client hung up,
+    /// a sibling call failed) is not a verdict on the dependency, but if it was the half-open probe the
+    /// next call probes instead, so the breaker never waits for a report that will not come.
+    pub fn attempt(&self) -> Option<Attempt<'_>> {
+        self.allow().then_some(Attempt {
+            breaker: self,
+            reported: false,
+        })
+    }
+
+    /// A probe was abandoned: let the next call probe.
+    fn abandon(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if *state == State::HalfOpen {
+            *state = State::Open {
+                until: Instant::now(),
+            };
+        }
+    }
+
     /// Whether calls are being skipped now.
     pub fn is_open(&self) -> bool {
         !matches!(
             *self.state.lock().unwrap_or_else(|e| e.into_inner()),
             State::Closed { .. }
         )
+    }
+}
+
+/// A call let through by a [`CircuitBreaker`]; see [`CircuitBreaker::attempt`].
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    breaker: &'a CircuitBreaker,
+    reported: bool,
+}
+
+impl Attempt<'_> {
+    /// Reports how the call went.
+    pub fn record(mut self, ok: bool) {
+        self.reported = true;
+        self.breaker.record(ok);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.breaker.abandon();
+        }
     }
 }
 
@@ -126,6 +170,22 @@ mod tests {
             breaker.allow() && breaker.allow(),
             "closed: everything goes through"
         );
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_call_probe_instead_of_wedging_the_breaker() {
+        let breaker = CircuitBreaker::new("test", 1, Duration::from_millis(10));
+        breaker.attempt().unwrap().record(false);
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = breaker.attempt().expect("the cool-down is over: a probe");
+        assert!(breaker.attempt().is_none(), "one probe at a time");
+        drop(probe); // cancelled before it reported
+        let next = breaker.attempt().expect("the next call probes");
+        next.record(true);
+        assert!(!breaker.is_open());
+        // An abandoned call while closed changes nothing.
+        drop(breaker.attempt().unwrap());
+        assert!(!breaker.is_open());
     }
 
     #[test]

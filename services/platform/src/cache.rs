@@ -200,14 +200,14 @@ impl ProductCache {
         if !self.client.next().is_connected() {
             return Err(CacheError::Timeout);
         }
-        if !self.breaker.allow() {
+        let Some(attempt) = self.breaker.attempt() else {
             return Err(CacheError::CircuitOpen);
-        }
+        };
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(CacheError::from),
             Err(_) => Err(CacheError::Timeout),
         };
-        self.breaker.record(result.is_ok());
+        attempt.record(result.is_ok());
         result
     }
 
