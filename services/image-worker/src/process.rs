@@ -217,15 +217,80 @@ pub fn fit(width: u32, height: u32, max_side: u32) -> (u32, u32) {
     (w.min(max_side), h.min(max_side))
 }
 
+/// Decodes a JPEG at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that still gives at least
+/// `min_side` pixels on its longest side (shrink-on-load: the IDCT produces fewer pixels, so a
+/// 3000×2000 photo wanted at 1024 px decodes as 1500×1000, at a fraction of the cost). `None` when
+/// this decoder cannot give RGB for it (CMYK, 16-bit): the caller decodes it the usual way.
+fn decode_jpeg_scaled(bytes: &[u8], min_side: u32) -> Result<Option<DynamicImage>, Failure> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    decoder
+        .read_info()
+        .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+    let Some(info) = decoder.info() else {
+        return Ok(None);
+    };
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    // Ask for the size whose longest side is `min_side`; the decoder picks the smallest scale that
+    // is at least that big.
+    let longest = w.max(h).max(1);
+    let want = |side: u32| {
+        u16::try_from((u64::from(side) * u64::from(min_side)).div_ceil(u64::from(longest)))
+            .unwrap_or(u16::MAX)
+            .max(1)
+    };
+    if min_side < longest {
+        decoder
+            .scale(want(w), want(h))
+            .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+    }
+    let pixels = decoder
+        .decode()
+        .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+    let Some(info) = decoder.info() else {
+        return Ok(None);
+    };
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    Ok(match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => {
+            image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)
+        }
+        jpeg_decoder::PixelFormat::L8 => {
+            image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
+        }
+        _ => None,
+    })
+}
+
 /// Decodes `bytes` and produces every variant in `specs`.
 pub fn render(
     bytes: &[u8],
     limits: DecodeLimits,
     specs: &[VariantSpec],
 ) -> Result<Vec<Encoded>, Failure> {
+    // The header (limits, orientation) always goes through `image`; a JPEG's pixels are then decoded
+    // shrunk on load to what the largest variant needs.
     let mut decoder = decoder(bytes, limits)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_failure)?;
+    // Variant sizes follow from the full size (as `display_size` reports it), whatever scale the
+    // pixels were decoded at.
+    let (full_w, full_h) = {
+        let (w, h) = decoder.dimensions();
+        if swaps_sides(orientation) {
+            (h, w)
+        } else {
+            (w, h)
+        }
+    };
+    let largest = specs.iter().map(|s| s.max_side).max().unwrap_or(u32::MAX);
+    let scaled = if sniff(bytes)? == ImageFormat::Jpeg {
+        decode_jpeg_scaled(bytes, largest)?
+    } else {
+        None
+    };
+    let mut image = match scaled {
+        Some(image) => image,
+        None => DynamicImage::from_decoder(decoder).map_err(decode_failure)?,
+    };
     image.apply_orientation(orientation);
     let rgb = image.into_rgb8();
     let (width, height) = rgb.dimensions();
@@ -236,7 +301,7 @@ pub fn render(
     let mut out = Vec::with_capacity(specs.len());
     let mut resized: Vec<(u32, Image<'static>)> = Vec::new();
     for spec in specs {
-        let (w, h) = fit(width, height, spec.max_side);
+        let (w, h) = fit(full_w, full_h, spec.max_side);
         if !resized.iter().any(|(side, _)| *side == spec.max_side) {
             let mut target = Image::new(w, h, PixelType::U8x3);
             if (w, h) == (width, height) {
@@ -311,6 +376,56 @@ mod tests {
             assert_eq!((decoded.width(), decoded.height()), (e.width, e.height));
             assert_eq!(e.width.max(e.height), e.spec.max_side.min(1200));
         }
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(width, height, |x, y| {
+            let v = ((x as f32 / 37.0).sin() * 60.0 + (y as f32 / 23.0).cos() * 60.0 + 128.0) as u8;
+            image::Rgb([v, v / 2 + (x % 7) as u8, 255 - v])
+        });
+        let mut out = Vec::new();
+        JpegEncoder::new_with_quality(&mut Cursor::new(&mut out), 92)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_jpeg_shrunk_on_load_gives_the_same_sizes_and_nearly_the_same_pixels() {
+        // Odd sides: the DCT-scaled decode (1/2 here) is not an exact half.
+        let source = jpeg(2301, 1533);
+        let spec = [VariantSpec {
+            name: "large",
+            max_side: 1024,
+            format: Format::Jpeg,
+            quality: 95,
+        }];
+        let shrunk = render(&source, DecodeLimits::default(), &spec).unwrap();
+        assert_eq!((shrunk[0].width, shrunk[0].height), fit(2301, 1533, 1024));
+        assert_eq!(
+            display_size(&source, DecodeLimits::default()).unwrap(),
+            (2301, 1533)
+        );
+        // The same variant from a full decode (a PNG of the same pixels takes the usual path).
+        let full_pixels = image::load_from_memory(&source).unwrap();
+        let mut png_bytes = Vec::new();
+        full_pixels
+            .write_to(&mut Cursor::new(&mut png_bytes), ImageFormat::Png)
+            .unwrap();
+        let full = render(&png_bytes, DecodeLimits::default(), &spec).unwrap();
+        let a = image::load_from_memory(&shrunk[0].bytes)
+            .unwrap()
+            .into_rgb8();
+        let b = image::load_from_memory(&full[0].bytes).unwrap().into_rgb8();
+        assert_eq!(a.dimensions(), b.dimensions());
+        let diff: f64 = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| f64::from(x.abs_diff(*y)))
+            .sum::<f64>()
+            / a.as_raw().len() as f64;
+        assert!(diff < 2.0, "mean difference {diff:.2} of 255");
     }
 
     #[test]
