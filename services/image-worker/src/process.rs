@@ -9,7 +9,6 @@ use std::io::Cursor;
 
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::codecs::jpeg::JpegEncoder;
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
@@ -67,8 +66,14 @@ impl VariantSpec {
     /// A stable identifier of the settings, part of the content-addressed key: changing a setting
     /// changes the key, so old and new renditions never collide.
     pub fn settings_id(&self) -> String {
+        // JPEG variants name their encoding too (4:2:0 chroma since it changed), so renditions made
+        // with the earlier encoder are never mistaken for current ones.
+        let encoding = match self.format {
+            Format::Jpeg => "-420",
+            Format::Webp => "",
+        };
         format!(
-            "{}-{}-{}-q{}",
+            "{}-{}-{}-q{}{encoding}",
             self.name,
             self.max_side,
             self.format.name(),
@@ -335,9 +340,19 @@ fn encode(rgb: &[u8], width: u32, height: u32, spec: VariantSpec) -> Result<Vec<
             .encode(f32::from(spec.quality))
             .to_vec()),
         Format::Jpeg => {
+            // 4:2:0 chroma, as libjpeg-based tools write it: the same quality in fewer bytes than
+            // full-resolution chroma (docs/BENCHMARKS.md). Optimised Huffman tables would save a few
+            // more per cent, but zune-jpeg (the image crate's decoder) misreads this encoder's
+            // optimised tables, so they stay off.
+            let (w, h) = (
+                u16::try_from(width).map_err(|_| Failure::permanent("decode", "too wide"))?,
+                u16::try_from(height).map_err(|_| Failure::permanent("decode", "too tall"))?,
+            );
             let mut out = Vec::new();
-            JpegEncoder::new_with_quality(&mut out, spec.quality)
-                .encode(rgb, width, height, image::ExtendedColorType::Rgb8)
+            let mut encoder = jpeg_encoder::Encoder::new(&mut out, spec.quality);
+            encoder.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
+            encoder
+                .encode(rgb, w, h, jpeg_encoder::ColorType::Rgb)
                 .map_err(|e| Failure::permanent("decode", format!("cannot encode JPEG: {e}")))?;
             Ok(out)
         }
@@ -384,7 +399,7 @@ mod tests {
             image::Rgb([v, v / 2 + (x % 7) as u8, 255 - v])
         });
         let mut out = Vec::new();
-        JpegEncoder::new_with_quality(&mut Cursor::new(&mut out), 92)
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut Cursor::new(&mut out), 92)
             .encode_image(&img)
             .unwrap();
         out
