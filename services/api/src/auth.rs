@@ -331,7 +331,11 @@ async fn identify(state: &AppState, token: &str) -> Result<Option<Caller>, ApiEr
         let client = state.pool.get().await?;
         let row = client
             .query_opt(
-                "SELECT id, user_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+                &client
+                    .prepare_cached(
+                        "SELECT id, user_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+                    )
+                    .await?,
                 &[&digest.as_slice()],
             )
             .await?;

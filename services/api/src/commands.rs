@@ -97,8 +97,12 @@ pub(crate) async fn replay_if_known(
     let client = state.pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT request_hash, response, aggregate_id FROM api_commands
+            &client
+                .prepare_cached(
+                    "SELECT request_hash, response, aggregate_id FROM api_commands
               WHERE route = $1 AND idempotency_key = $2",
+                )
+                .await?,
             &[&route, &key],
         )
         .await?;
@@ -126,13 +130,13 @@ pub(crate) async fn execute(
 ) -> Result<Outcome, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let head = event_store::lock_head::<Value>(&*tx, command.aggregate_id).await?;
+    let head = event_store::lock_head::<Value>(&tx, command.aggregate_id).await?;
     let decision = decide(head)?;
     let inserted = tx
         .execute(
-            "INSERT INTO api_commands (id, route, idempotency_key, request_hash, response, aggregate_id)
+            &tx.prepare_cached("INSERT INTO api_commands (id, route, idempotency_key, request_hash, response, aggregate_id)
              VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (route, idempotency_key) DO NOTHING",
+             ON CONFLICT (route, idempotency_key) DO NOTHING").await?,
             &[
                 &command.id,
                 &command.route,
@@ -155,8 +159,11 @@ pub(crate) async fn execute(
     if let Some(email) = &command.email_claim {
         let claimed = tx
             .execute(
-                "INSERT INTO api_user_emails (email_lower, user_id) VALUES ($1, $2)
+                &tx.prepare_cached(
+                    "INSERT INTO api_user_emails (email_lower, user_id) VALUES ($1, $2)
                  ON CONFLICT DO NOTHING",
+                )
+                .await?,
                 &[email, &command.aggregate_id],
             )
             .await?;
@@ -169,7 +176,8 @@ pub(crate) async fn execute(
     }
     if let Some((key_id, digest)) = &command.key_grant {
         tx.execute(
-            "INSERT INTO api_keys (id, user_id, digest) VALUES ($1, $2, $3)",
+            &tx.prepare_cached("INSERT INTO api_keys (id, user_id, digest) VALUES ($1, $2, $3)")
+                .await?,
             &[key_id, &command.aggregate_id, digest],
         )
         .await?;
@@ -177,7 +185,7 @@ pub(crate) async fn execute(
     let creates_stream = decision.expected == 0;
     let new_events: Vec<NewEvent> = decision.events.into_iter().map(NewEvent::new).collect();
     event_store::append(
-        &*tx,
+        &tx,
         command.aggregate_id,
         decision.expected,
         &new_events,
@@ -303,7 +311,11 @@ async fn expire(state: &AppState, retention: Duration) -> Result<(), ApiError> {
     let client = state.pool.get().await?;
     client
         .execute(
-            "DELETE FROM api_commands WHERE created_at < now() - make_interval(secs => $1)",
+            &client
+                .prepare_cached(
+                    "DELETE FROM api_commands WHERE created_at < now() - make_interval(secs => $1)",
+                )
+                .await?,
             &[&retention.as_secs_f64()],
         )
         .await?;

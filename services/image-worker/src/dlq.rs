@@ -160,7 +160,7 @@ pub async fn redrive(
     for (product_id, images) in by_product {
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
-        let head = event_store::lock_head::<events::ProductState>(&*tx, product_id).await?;
+        let head = event_store::lock_head::<events::ProductState>(&tx, product_id).await?;
         let Some((version, mut product)) = head.filter(|(_, p)| p.deleted_at.is_none()) else {
             report.skipped += images.len();
             continue;
@@ -192,7 +192,7 @@ pub async fn redrive(
             .apply(&envelope)
             .map_err(|e| DlqError::Store(event_store::StoreError::Corrupt(e.to_string())))?;
         event_store::append(
-            &*tx,
+            &tx,
             product_id,
             version,
             &[NewEvent::new(envelope.to_wire())],

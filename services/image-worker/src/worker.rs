@@ -374,7 +374,7 @@ async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
         .await
         .map_err(|e| JobError::Store(e.into()))?;
     let Some((version, mut product)) =
-        event_store::lock_head::<events::ProductState>(&*tx, job.product_id).await?
+        event_store::lock_head::<events::ProductState>(&tx, job.product_id).await?
     else {
         tracing::error!(product.id = %job.product_id, "no stream head for the product; result dropped");
         return Ok(());
@@ -403,7 +403,7 @@ async fn append_result(ctx: &Context, job: &Job) -> Result<(), JobError> {
         causation_id: Some(request_event_id),
     };
     match event_store::append(
-        &*tx,
+        &tx,
         job.product_id,
         version,
         &[event],

@@ -17,9 +17,9 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
@@ -82,7 +82,10 @@ pub async fn lock_head<S: DeserializeOwned>(
 ) -> Result<Option<(u64, S)>, StoreError> {
     let Some(row) = tx
         .query_opt(
-            "SELECT version, state FROM stream_heads WHERE aggregate_id = $1 FOR UPDATE",
+            &tx.prepare_cached(
+                "SELECT version, state FROM stream_heads WHERE aggregate_id = $1 FOR UPDATE",
+            )
+            .await?,
             &[&aggregate_id],
         )
         .await?
@@ -115,15 +118,21 @@ pub async fn append(
     let (expected_i, new_i) = (to_i64(expected), to_i64(new_version));
     let moved = if expected == 0 {
         tx.execute(
-            "INSERT INTO stream_heads (aggregate_id, aggregate_type, version, state)
+            &tx.prepare_cached(
+                "INSERT INTO stream_heads (aggregate_id, aggregate_type, version, state)
              VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .await?,
             &[&aggregate_id, &aggregate_type, &new_i, &Json(&state)],
         )
         .await?
     } else {
         tx.execute(
-            "UPDATE stream_heads SET version = $3, state = $4
+            &tx.prepare_cached(
+                "UPDATE stream_heads SET version = $3, state = $4
               WHERE aggregate_id = $1 AND version = $2",
+            )
+            .await?,
             &[&aggregate_id, &expected_i, &new_i, &Json(&state)],
         )
         .await?
@@ -154,10 +163,10 @@ pub async fn append(
         causes.push(event.causation_id);
     }
     tx.execute(
-        "INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope, source,
+        &tx.prepare_cached("INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope, source,
                                   causation_id)
          SELECT $1, s, i, $5, e, $6, c
-           FROM unnest($2::bigint[], $3::uuid[], $4::text[], $7::uuid[]) AS t(s, i, e, c)",
+           FROM unnest($2::bigint[], $3::uuid[], $4::text[], $7::uuid[]) AS t(s, i, e, c)").await?,
         &[
             &aggregate_id,
             &sequences,
@@ -269,13 +278,15 @@ pub async fn publish_new_stream(
         .collect::<Result<Vec<_>, StoreError>>()?;
     let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
     if !published.is_empty() {
-        pool.get()
-            .await?
-            .execute(
+        let client = pool.get().await?;
+        let statement = client
+            .prepare_cached(
                 "UPDATE event_store SET published_at = now()
                   WHERE aggregate_id = $1 AND sequence = ANY($2) AND published_at IS NULL",
-                &[&aggregate_id, &published],
             )
+            .await?;
+        client
+            .execute(&statement, &[&aggregate_id, &published])
             .await?;
     }
     match failure {
@@ -297,9 +308,12 @@ pub async fn publish_stream(
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "SELECT sequence, envelope, source FROM event_store
+            &tx.prepare_cached(
+                "SELECT sequence, envelope, source FROM event_store
               WHERE aggregate_id = $1 AND published_at IS NULL
               ORDER BY sequence FOR UPDATE",
+            )
+            .await?,
             &[&aggregate_id],
         )
         .await?;
@@ -320,8 +334,11 @@ pub async fn publish_stream(
     let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
     if !published.is_empty() {
         tx.execute(
-            "UPDATE event_store SET published_at = now()
+            &tx.prepare_cached(
+                "UPDATE event_store SET published_at = now()
               WHERE aggregate_id = $1 AND sequence = ANY($2)",
+            )
+            .await?,
             &[&aggregate_id, &published],
         )
         .await?;
