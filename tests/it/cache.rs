@@ -227,6 +227,17 @@ async fn a_slow_reader_cannot_put_an_old_version_back() {
     );
     let (version, json) = cache.get(id).await.unwrap().unwrap();
     assert_eq!((version, &json[..]), (3, &b"{\"version\":3}"[..]));
+
+    // The projector's invalidation keeps an entry a reader already filled at the projected version
+    // (it is as new as the rows) and drops an older one.
+    cache.invalidate_projected(&[(id, 3)]).await.unwrap();
+    assert_eq!(cache.get(id).await.unwrap().map(|(v, _)| v), Some(3));
+    cache.invalidate_projected(&[(id, 4)]).await.unwrap();
+    assert!(cache.get(id).await.unwrap().is_none());
+    assert!(
+        !cache.fill(id, 3, b"{\"version\":3}").await.unwrap(),
+        "the floor moved to 4"
+    );
     env.cleanup().await;
 }
 

@@ -294,6 +294,25 @@ impl TestEnv {
     /// that is an event envelope gets its CloudEvents headers; anything else is marked as a deliberate
     /// fixture (see `fixture_headers`).
     pub async fn publish_raw(&self, payloads: &[(String, Vec<u8>)]) {
+        self.publish_raw_with(payloads, test_headers).await;
+    }
+
+    /// Appends `events` to the products topic marked as deliberate fixtures (the contract check skips
+    /// them): for events another producer could write that break the published schema.
+    pub async fn publish_fixtures(&self, events: &[events::Envelope<events::ProductEvent>]) {
+        let payloads: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| (e.aggregate_id.to_string(), e.to_json()))
+            .collect();
+        self.publish_raw_with(&payloads, |_| fixture_headers())
+            .await;
+    }
+
+    async fn publish_raw_with(
+        &self,
+        payloads: &[(String, Vec<u8>)],
+        headers: fn(&[u8]) -> rdkafka::message::OwnedHeaders,
+    ) {
         let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
         let topic = self.kafka().topics().products;
         for chunk in payloads.chunks(400) {
@@ -302,7 +321,7 @@ impl TestEnv {
                     rdkafka::producer::FutureRecord::to(&topic)
                         .key(key)
                         .payload(payload)
-                        .headers(test_headers(payload)),
+                        .headers(headers(payload)),
                     Duration::from_secs(10),
                 )
             });

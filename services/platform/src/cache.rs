@@ -124,19 +124,28 @@ redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. ARGV[2], 'EX', ARGV[3])
 return 1
 ";
 
-/// KEYS: entry and floor of each product, in pairs; ARGV[1]: floor TTL, ARGV[k + 1]: the projected
-/// version of the k-th product.
+/// KEYS: entry and floor of each product, in pairs; ARGV[1]: floor TTL; ARGV[2]: `1` to drop entries
+/// whatever their version, `0` to keep an entry already at or past the projected version (it is as new
+/// as the rows); ARGV[k + 2]: the projected version of the k-th product.
 const INVALIDATE: &str = r"
 for k = 1, #KEYS / 2 do
-  local floor_key = KEYS[2 * k]
-  local v = tonumber(ARGV[k + 1])
+  local entry_key, floor_key = KEYS[2 * k - 1], KEYS[2 * k]
+  local v = tonumber(ARGV[k + 2])
   local floor = tonumber(redis.call('GET', floor_key) or '0')
   if v > floor then
-    redis.call('SET', floor_key, ARGV[k + 1], 'EX', ARGV[1])
+    redis.call('SET', floor_key, ARGV[k + 2], 'EX', ARGV[1])
   else
     redis.call('EXPIRE', floor_key, ARGV[1])
   end
-  redis.call('DEL', KEYS[2 * k - 1])
+  local drop = ARGV[2] == '1'
+  if not drop then
+    local cur = redis.call('GET', entry_key)
+    if cur then
+      local cv = tonumber(string.match(cur, '^(%d+)\n'))
+      drop = (not cv) or cv < v
+    end
+  end
+  if drop then redis.call('DEL', entry_key) end
 end
 return #KEYS / 2
 ";
@@ -242,19 +251,32 @@ impl ProductCache {
         Ok(stored == 1)
     }
 
-    /// Records that version `version` of product `id` is projected: drops the entry and refuses any
-    /// later fill with an older version.
+    /// Records that version `version` of product `id` is projected: drops the entry (whatever its
+    /// version) and refuses any later fill with an older version.
     pub async fn invalidate(&self, id: Uuid, version: u64) -> Result<(), CacheError> {
         self.invalidate_many(&[(id, version)]).await
     }
 
     /// [`Self::invalidate`] for many products, one script call (one round trip) per
-    /// [`INVALIDATE_CHUNK`] products.
+    /// [`INVALIDATE_CHUNK`] products. For rows that may have changed without a new version (a replay
+    /// repairing them).
     pub async fn invalidate_many(&self, changed: &[(Uuid, u64)]) -> Result<(), CacheError> {
+        self.run_invalidate(changed, true).await
+    }
+
+    /// The projector's invalidation after a commit: raises each floor to the projected version and
+    /// drops entries older than it; an entry already at that version or newer (a reader filled it from
+    /// the committed rows before this call arrived) is as fresh as the rows and stays.
+    pub async fn invalidate_projected(&self, changed: &[(Uuid, u64)]) -> Result<(), CacheError> {
+        self.run_invalidate(changed, false).await
+    }
+
+    async fn run_invalidate(&self, changed: &[(Uuid, u64)], force: bool) -> Result<(), CacheError> {
         for chunk in changed.chunks(INVALIDATE_CHUNK) {
             let mut keys = Vec::with_capacity(chunk.len() * 2);
-            let mut args = Vec::with_capacity(chunk.len() + 1);
+            let mut args = Vec::with_capacity(chunk.len() + 2);
             args.push(FLOOR_TTL_SECS.to_string());
+            args.push(if force { "1" } else { "0" }.to_owned());
             for &(id, version) in chunk {
                 let (entry, floor) = self.keys(id);
                 keys.push(entry);

@@ -93,7 +93,7 @@ impl Invalidator {
                 self.wake.notified().await;
                 continue;
             }
-            match cache.invalidate_many(&batch).await {
+            match cache.invalidate_projected(&batch).await {
                 Ok(()) => {
                     if let Some(since) = failing_since.take() {
                         tracing::info!(
