@@ -18,7 +18,7 @@ async fn connected_cache(env: &TestEnv) -> platform::cache::ProductCache {
         .unwrap()
         .unwrap();
     assert!(
-        cache.wait_connected(Duration::from_secs(5)).await,
+        cache.wait_connected(Duration::from_secs(15)).await,
         "Redis must run on 127.0.0.1:6379"
     );
     cache
@@ -485,7 +485,7 @@ async fn a_hung_redis_never_stalls_the_projector_and_its_invalidations_arrive_wh
     let cache = platform::cache::ProductCache::connect(&config.cache)
         .unwrap()
         .unwrap();
-    assert!(cache.wait_connected(Duration::from_secs(5)).await);
+    assert!(cache.wait_connected(Duration::from_secs(15)).await);
     if let Some((version, _)) = cache.get(id_uuid).await.unwrap() {
         assert!(version >= 3, "entry at version {version} survived the edit");
     }

@@ -183,7 +183,7 @@ async fn a_rebuild_equals_the_live_projection_and_switches_without_a_failed_read
     let cache = platform::cache::ProductCache::connect(&env.api_config().cache)
         .unwrap()
         .unwrap();
-    assert!(cache.wait_connected(Duration::from_secs(5)).await);
+    assert!(cache.wait_connected(Duration::from_secs(15)).await);
     cache.invalidate(broken, 0).await.unwrap();
     let version = good["version"].as_u64().unwrap();
     let mut corrupted = good.clone();
