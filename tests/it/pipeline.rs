@@ -158,6 +158,13 @@ impl ImageServer {
             .route("/slow/{name}", get(slow))
             .route("/fixable", get(fixable))
             .route("/missing.jpg", get(|| async { StatusCode::NOT_FOUND }))
+            .route(
+                "/truncated.jpg",
+                get(|| async {
+                    let whole = jpeg(800, 600, 7);
+                    jpeg_response(whole[..whole.len() / 2].to_vec())
+                }),
+            )
             .route("/redirect-internal", get(redirect_internal))
             .route(
                 "/bomb.png",
@@ -755,6 +762,32 @@ async fn jobs_caught_by_an_s3_pause_are_retried_and_none_fails_for_good() {
         let product = settled(&api, id, 3).await;
         assert_eq!(product["images"][0]["status"], "ready", "{product}");
     }
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jpeg_cut_in_half_fails_as_corrupt_and_nothing_is_stored_for_it() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let config = env.worker_config();
+    let store = image_worker::storage::ImageStore::new(&config.store).unwrap();
+    let worker = env.spawn_worker_with(config);
+    let user = api.create_user().await;
+    let id = create_product(&api, &user, &[server.url("/truncated.jpg")]).await;
+    let product = settled(&api, &id, 3).await;
+    let image = &product["images"][0];
+    assert_eq!(image["status"], "failed", "{product}");
+    assert_eq!(image["error_class"], "corrupt");
+    assert!(image["reason"].as_str().unwrap().contains("truncated"));
+    assert!(
+        store.list("").await.unwrap().is_empty(),
+        "no variant stored"
+    );
     worker.stop().await;
     projector.stop().await;
     api.stop().await;

@@ -12,7 +12,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     /// Machine-readable class: `timeout`, `connect`, `http_5xx`, `http_4xx`, `origin_unavailable`,
-    /// `storage`,
+    /// `storage`, `corrupt`, `unprocessable`,
     /// `forbidden_address`, `too_large`, `not_an_image`, `decode`, `too_many_pixels`, `invalid_url`,
     /// `redirect`, `transport`.
     pub class: String,

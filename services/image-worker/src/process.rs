@@ -183,7 +183,7 @@ fn decoder(bytes: &[u8], limits: DecodeLimits) -> Result<impl ImageDecoder + '_,
 fn decode_failure(e: image::ImageError) -> Failure {
     match e {
         image::ImageError::Limits(l) => Failure::permanent("too_many_pixels", l.to_string()),
-        other => Failure::permanent("decode", format!("cannot decode the image: {other}")),
+        other => Failure::permanent("corrupt", format!("cannot decode the image: {other}")),
     }
 }
 
@@ -230,7 +230,7 @@ fn decode_jpeg_scaled(bytes: &[u8], min_side: u32) -> Result<Option<DynamicImage
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     decoder
         .read_info()
-        .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+        .map_err(|e| Failure::permanent("corrupt", format!("cannot decode the image: {e}")))?;
     let Some(info) = decoder.info() else {
         return Ok(None);
     };
@@ -246,11 +246,11 @@ fn decode_jpeg_scaled(bytes: &[u8], min_side: u32) -> Result<Option<DynamicImage
     if min_side < longest {
         decoder
             .scale(want(w), want(h))
-            .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+            .map_err(|e| Failure::permanent("corrupt", format!("cannot decode the image: {e}")))?;
     }
     let pixels = decoder
         .decode()
-        .map_err(|e| Failure::permanent("decode", format!("cannot decode the image: {e}")))?;
+        .map_err(|e| Failure::permanent("corrupt", format!("cannot decode the image: {e}")))?;
     let Some(info) = decoder.info() else {
         return Ok(None);
     };
@@ -266,12 +266,80 @@ fn decode_jpeg_scaled(bytes: &[u8], min_side: u32) -> Result<Option<DynamicImage
     })
 }
 
+/// Refuses input that ends before its format's end marker: decoders fill a cut-off image with grey and
+/// call it a success, which would store half-grey variants under the source's hash for good. A JPEG
+/// must have an end-of-image marker after its first scan, a PNG its `IEND` chunk, a GIF its trailer
+/// byte after the image data, a WebP as many bytes as its RIFF header announces. Bytes after the end
+/// (some tools append data) are allowed.
+pub fn check_complete(bytes: &[u8]) -> Result<(), Failure> {
+    let cut = |what: &str| {
+        Err(Failure::permanent(
+            "corrupt",
+            format!("the image is truncated (no {what})"),
+        ))
+    };
+    match sniff(bytes)? {
+        ImageFormat::Jpeg => {
+            // Walk the marker segments to the first scan (skipping embedded thumbnails, whose own
+            // markers sit inside APP segments), then look for EOI in the entropy-coded data, where
+            // 0xFF is always followed by 0x00 or a marker.
+            let mut at = 2;
+            let scan = loop {
+                let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else {
+                    return cut("start of scan");
+                };
+                match marker {
+                    0xFF => at += 1,
+                    0xDA => break at,
+                    0xD0..=0xD7 | 0x01 => at += 2,
+                    _ => {
+                        let Some(len) = bytes.get(at + 2..at + 4) else {
+                            return cut("start of scan");
+                        };
+                        at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                    }
+                }
+            };
+            if bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+                Ok(())
+            } else {
+                cut("end-of-image marker")
+            }
+        }
+        ImageFormat::Png => {
+            // The IEND chunk's type and its CRC (4 bytes after it).
+            match bytes.windows(4).rposition(|w| w == b"IEND") {
+                Some(at) if bytes.len() >= at + 8 => Ok(()),
+                _ => cut("IEND chunk"),
+            }
+        }
+        ImageFormat::WebP => {
+            let announced = bytes
+                .get(4..8)
+                .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize + 8);
+            match announced {
+                Some(n) if bytes.len() >= n => Ok(()),
+                _ => cut("end of the RIFF container"),
+            }
+        }
+        ImageFormat::Gif => {
+            if bytes.len() > 13 && bytes.contains(&0x3B) && bytes.last() == Some(&0x3B) {
+                Ok(())
+            } else {
+                cut("GIF trailer")
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Decodes `bytes` and produces every variant in `specs`.
 pub fn render(
     bytes: &[u8],
     limits: DecodeLimits,
     specs: &[VariantSpec],
 ) -> Result<Vec<Encoded>, Failure> {
+    check_complete(bytes)?;
     // The header (limits, orientation) always goes through `image`; a JPEG's pixels are then decoded
     // shrunk on load to what the largest variant needs.
     let mut decoder = decoder(bytes, limits)?;
@@ -441,6 +509,50 @@ mod tests {
             .sum::<f64>()
             / a.as_raw().len() as f64;
         assert!(diff < 2.0, "mean difference {diff:.2} of 255");
+    }
+
+    fn encoded(format: ImageFormat) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(320, 240, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+        });
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), format)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_truncated_image_of_any_format_fails_as_corrupt_never_as_a_grey_ready_one() {
+        let mut sources = vec![("jpeg", jpeg(320, 240))];
+        for (name, format) in [
+            ("png", ImageFormat::Png),
+            ("gif", ImageFormat::Gif),
+            ("webp", ImageFormat::WebP),
+        ] {
+            sources.push((name, encoded(format)));
+        }
+        for (name, whole) in sources {
+            assert!(
+                render(&whole, DecodeLimits::default(), &DEFAULT_VARIANTS).is_ok(),
+                "the whole {name} renders"
+            );
+            // Data appended after the end is tolerated.
+            let mut trailed = whole.clone();
+            trailed.extend_from_slice(b"trailing bytes");
+            if name != "gif" && name != "webp" {
+                assert!(check_complete(&trailed).is_ok(), "{name} with a trailer");
+            }
+            for cut in [whole.len() / 2, whole.len() - 1] {
+                let Err(failure) =
+                    render(&whole[..cut], DecodeLimits::default(), &DEFAULT_VARIANTS)
+                else {
+                    panic!("{name} cut at {cut} of {} rendered", whole.len());
+                };
+                assert_eq!(failure.class, "corrupt", "{name}: {}", failure.message);
+                assert!(!failure.retryable);
+            }
+        }
     }
 
     #[test]

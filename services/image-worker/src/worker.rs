@@ -100,6 +100,8 @@ pub enum JobError {
 async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, Failure> {
     let started = Instant::now();
     let source = ctx.fetcher.fetch(&image.url).await?;
+    // A cut-off download is refused before anything is stored or reused under its hash.
+    process::check_complete(&source)?;
     let downloaded = Instant::now();
     let hash = hex(&Sha256::digest(&source));
     let keys: Vec<String> = DEFAULT_VARIANTS
@@ -132,7 +134,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
             process::display_size(&source, limits)
         })
         .await
-        .map_err(|e| Failure::retryable("worker", e.to_string()))??;
+        .map_err(blocking_failure)??;
         DEFAULT_VARIANTS
             .iter()
             .zip(keys.iter().zip(sizes))
@@ -156,7 +158,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
             process::render(&source, limits, &DEFAULT_VARIANTS)
         })
         .await
-        .map_err(|e| Failure::retryable("worker", e.to_string()))??;
+        .map_err(blocking_failure)??;
         rendered = Instant::now();
         let variants: Vec<ImageVariant> = encoded
             .iter()
@@ -203,6 +205,20 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         error_class: None,
         reason: None,
     })
+}
+
+/// A CPU task that did not finish: a panic in a decoder or encoder is the input's doing and will happen
+/// again (permanent); a cancelled task (shutdown) is not.
+fn blocking_failure(error: tokio::task::JoinError) -> Failure {
+    if error.is_panic() {
+        tracing::error!(%error, "image processing panicked");
+        Failure::permanent(
+            "unprocessable",
+            "the image could not be processed (a decoder or encoder failed on it)",
+        )
+    } else {
+        Failure::retryable("worker", error.to_string())
+    }
 }
 
 fn variant(
