@@ -29,8 +29,12 @@ fn base(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
 ///
 /// Services send through [`EventProducer`], which replaces this instance after a fatal error.
 pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<FutureProducer, KafkaError> {
-    base(cfg, client_id)
-        .set("enable.idempotence", "true")
+    producer_config(cfg, client_id).create()
+}
+
+fn producer_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = base(cfg, client_id);
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "2")
         .set("message.timeout.ms", "10000")
@@ -38,8 +42,110 @@ pub fn producer(cfg: &KafkaConfig, client_id: &str) -> Result<FutureProducer, Ka
         .set(
             "batch.num.messages",
             cfg.producer_batch_messages.to_string(),
-        )
-        .create()
+        );
+    c
+}
+
+/// Hands each delivery report to the sender waiting for it.
+pub struct DeliveryContext;
+
+/// Where a delivery report goes.
+type Report = tokio::sync::oneshot::Sender<Result<(i32, i64), KafkaError>>;
+
+impl rdkafka::client::ClientContext for DeliveryContext {}
+
+impl rdkafka::producer::ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<Report>;
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, report: Box<Report>) {
+        use rdkafka::Message;
+        let outcome = match result {
+            Ok(message) => Ok((message.partition(), message.offset())),
+            Err((error, _)) => Err(error.clone()),
+        };
+        let _ = report.send(outcome);
+    }
+}
+
+/// An event producer with a polling thread of its own that waits for delivery reports in 1 s windows.
+///
+/// rust-rdkafka's `FutureProducer` polls in 100 ms windows and rounds the time left down to whole
+/// milliseconds, so its thread spins through the last fraction of a millisecond of every window: about
+/// half a percent of a core per idle producer (docs/BENCHMARKS.md). Reports are handed over as soon as
+/// they arrive either way; the window only sets how often an idle thread wakes up.
+pub struct PolledProducer {
+    producer: std::sync::Arc<rdkafka::producer::BaseProducer<DeliveryContext>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PolledProducer {
+    fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
+        let producer: rdkafka::producer::BaseProducer<DeliveryContext> =
+            config.create_with_context(DeliveryContext)?;
+        let producer = std::sync::Arc::new(producer);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (polled, stopped) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("event producer poll".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    polled.poll(Duration::from_secs(1));
+                }
+            })
+            .map_err(|_| KafkaError::ClientCreation("cannot start the polling thread".into()))?;
+        Ok(Self { producer, stop })
+    }
+
+    /// The underlying client (metadata, fatal errors).
+    pub fn client(&self) -> &rdkafka::client::Client<DeliveryContext> {
+        use rdkafka::producer::Producer;
+        self.producer.client()
+    }
+
+    /// Queues one record (waiting up to `queue_timeout` while the local queue is full) and waits for
+    /// its delivery report: (partition, offset).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+        queue_timeout: Duration,
+    ) -> Result<(i32, i64), KafkaError> {
+        let deadline = tokio::time::Instant::now() + queue_timeout;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut report = Box::new(tx);
+        loop {
+            let record = rdkafka::producer::BaseRecord::with_opaque_to(topic, report)
+                .key(key)
+                .payload(payload)
+                .headers(headers.clone());
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    report = record.delivery_opaque;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+        rx.await.unwrap_or(Err(KafkaError::Canceled))
+    }
+
+    /// Waits (blocking) until everything queued is acknowledged or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) {
+        use rdkafka::producer::Producer;
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+impl Drop for PolledProducer {
+    fn drop(&mut self) {
+        // The thread sees this within one window and lets go of its handle.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The event producer every service sends through: an idempotent producer ([`producer`]) that is
@@ -60,7 +166,7 @@ struct ProducerSlot {
     cfg: KafkaConfig,
     client_id: String,
     /// The current instance and its generation (bumped by each replacement).
-    current: std::sync::RwLock<(u64, FutureProducer)>,
+    current: std::sync::RwLock<(u64, std::sync::Arc<PolledProducer>)>,
     /// Generation + 1 of an instance that had a send refused for good without librdkafka declaring a
     /// fatal error (0: none).
     failed: std::sync::atomic::AtomicU64,
@@ -92,14 +198,17 @@ impl EventProducer {
             inner: std::sync::Arc::new(ProducerSlot {
                 cfg: cfg.clone(),
                 client_id: client_id.to_owned(),
-                current: std::sync::RwLock::new((0, producer(cfg, client_id)?)),
+                current: std::sync::RwLock::new((
+                    0,
+                    std::sync::Arc::new(PolledProducer::new(&producer_config(cfg, client_id))?),
+                )),
                 failed: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
 
     /// The instance to send through now, replacing it first if it has failed fatally.
-    pub fn current(&self) -> FutureProducer {
+    pub fn current(&self) -> std::sync::Arc<PolledProducer> {
         self.healthy().1
     }
 
@@ -110,7 +219,6 @@ impl EventProducer {
 
     /// The fatal error of the current instance, if it has one (it is replaced at the next send).
     pub fn fatal_error(&self) -> Option<String> {
-        use rdkafka::producer::Producer;
         let (generation, producer) = self.read();
         if self.inner.failed.load(std::sync::atomic::Ordering::SeqCst) == generation + 1 {
             return Some("a send was refused for good (fenced or out of sequence)".into());
@@ -121,13 +229,12 @@ impl EventProducer {
             .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
-    fn read(&self) -> (u64, FutureProducer) {
+    fn read(&self) -> (u64, std::sync::Arc<PolledProducer>) {
         let guard = self.inner.current.read().unwrap_or_else(|e| e.into_inner());
         (guard.0, guard.1.clone())
     }
 
-    fn healthy(&self) -> (u64, FutureProducer) {
-        use rdkafka::producer::Producer;
+    fn healthy(&self) -> (u64, std::sync::Arc<PolledProducer>) {
         let (generation, producer) = self.read();
         let failed = self.inner.failed.load(std::sync::atomic::Ordering::SeqCst) == generation + 1;
         if !failed && producer.client().fatal_error().is_none() {
@@ -140,7 +247,6 @@ impl EventProducer {
     /// Replaces instance `generation` (if no one else has yet). A failure to create the new instance
     /// (invalid settings cannot appear here: the first instance had the same) keeps the old one.
     fn replace(&self, generation: u64) {
-        use rdkafka::producer::Producer;
         let mut guard = self
             .inner
             .current
@@ -153,7 +259,7 @@ impl EventProducer {
         self.inner
             .failed
             .store(0, std::sync::atomic::Ordering::SeqCst);
-        match producer(&self.inner.cfg, &self.inner.client_id) {
+        match PolledProducer::new(&producer_config(&self.inner.cfg, &self.inner.client_id)) {
             Ok(fresh) => {
                 tracing::error!(
                     kafka.client_id = %self.inner.client_id,
@@ -161,7 +267,8 @@ impl EventProducer {
                     generation = generation + 1,
                     "producer failed fatally; replaced by a new instance"
                 );
-                let old = std::mem::replace(&mut *guard, (generation + 1, fresh)).1;
+                let old =
+                    std::mem::replace(&mut *guard, (generation + 1, std::sync::Arc::new(fresh))).1;
                 // Dropping a producer flushes; keep that off the async threads.
                 std::thread::spawn(move || drop(old));
             }
@@ -181,18 +288,15 @@ impl EventProducer {
         headers: OwnedHeaders,
         timeout: Duration,
     ) -> Result<(i32, i64), KafkaError> {
-        use rdkafka::producer::FutureRecord;
         let mut retried = false;
         loop {
             let (generation, producer) = self.healthy();
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(payload)
-                .headers(headers.clone());
-            match producer.send(record, timeout).await {
-                Ok(delivery) => return Ok((delivery.partition, delivery.offset)),
-                Err((error, _)) => {
-                    use rdkafka::producer::Producer;
+            match producer
+                .send(topic, key, payload, headers.clone(), timeout)
+                .await
+            {
+                Ok(delivered) => return Ok(delivered),
+                Err(error) => {
                     if producer.client().fatal_error().is_none() && !ends_instance(&error) {
                         return Err(error);
                     }
@@ -212,8 +316,7 @@ impl EventProducer {
     /// Waits (blocking; call from a blocking thread) until everything sent is acknowledged or
     /// `timeout` passes.
     pub fn flush(&self, timeout: Duration) {
-        use rdkafka::producer::Producer;
-        let _ = self.read().1.flush(timeout);
+        self.read().1.flush(timeout);
     }
 }
 
@@ -490,7 +593,6 @@ pub async fn ping(
     topics: &[&str],
     timeout: Duration,
 ) -> Result<(), PingError> {
-    use rdkafka::producer::Producer;
     if let Some(fatal) = producer.fatal_error() {
         // Replaced at once, so the next probe (and the next write) uses a working instance.
         let _ = producer.current();
