@@ -340,3 +340,48 @@ async fn every_committed_batch_is_announced_to_waiting_readers() {
     projector.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_parked_event_the_stream_has_already_passed_is_removed_not_kept_forever() {
+    let env = TestEnv::new().await;
+    let id = Uuid::now_v7();
+    let [created, requested] = product_stream(id);
+    env.publish(&[created.clone(), requested]).await;
+    let projector = env.spawn_projector();
+    let client = env.pg().await;
+    eventually("the product reaches version 2", || async {
+        let v = client
+            .query_opt("SELECT version FROM products WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i64>(0));
+        (v == Some(2)).then_some(())
+    })
+    .await;
+    // A copy of event 1 left parked (as after an earlier race): it can never apply again.
+    client
+        .execute(
+            "INSERT INTO projection_parked_events (aggregate_id, sequence, envelope) VALUES ($1, 1, $2)",
+            &[
+                &id,
+                &tokio_postgres::types::Json(serde_json::to_value(created.to_wire()).unwrap()),
+            ],
+        )
+        .await
+        .unwrap();
+    // The next event of the stream loads it and drops the stale parked copy.
+    let deleted = Envelope::new(
+        id,
+        3,
+        Utc::now(),
+        None,
+        ProductEvent::Deleted(events::ProductDeleted::default()),
+    );
+    env.publish(&[deleted]).await;
+    eventually("the stale parked event is removed", || async {
+        (count(&client, "SELECT count(*) FROM projection_parked_events").await == 0).then_some(())
+    })
+    .await;
+    projector.stop().await;
+    env.cleanup().await;
+}

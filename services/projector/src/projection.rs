@@ -432,16 +432,19 @@ async fn load_parked(
         .collect())
 }
 
-fn attach_parked<S>(
+fn attach_parked<S: Fold>(
     streams: &mut HashMap<Uuid, Stream<S>>,
     parked: Vec<(Uuid, u64, serde_json::Value)>,
 ) {
     for (id, sequence, envelope) in parked {
-        streams
-            .entry(id)
-            .or_default()
-            .parked
-            .insert(sequence, envelope);
+        let stream = streams.entry(id).or_default();
+        // A parked event the stream has already passed (its copy arrived and was applied in order)
+        // can never apply: it is removed, not kept forever.
+        if sequence <= stream.version() {
+            stream.parked_removed.insert(sequence);
+            continue;
+        }
+        stream.parked.insert(sequence, envelope);
     }
 }
 
