@@ -33,3 +33,20 @@ run_wrk() {
     bad=$(awk '/Non-2xx/ {print $5}' "$tmp/wrk.txt")
     echo "$rps $(to_ms "$p50") $(to_ms "$p99") ${bad:-0}"
 }
+
+# serve_distinct_photos PHOTO PORT: serves PHOTO on 127.0.0.1:PORT with the request path appended after the
+# JPEG end marker, so every URL is new content (the image store de-duplicates identical sources).
+serve_distinct_photos() {
+    python3 - "$1" "$2" >"$tmp/images.log" 2>&1 <<'PY' &
+import http.server, sys
+photo = open(sys.argv[1], "rb").read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = photo + self.path.encode()
+        self.send_response(200); self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
+PY
+    pids+=($!)
+}

@@ -17,20 +17,7 @@ cargo build --release --quiet -p benches --bin bench-photo
 scripts/broker.sh restart bench 19192 >/dev/null
 scripts/s3.sh start 8333 >/dev/null
 "$bin/bench-photo" "$tmp/photo.jpg"
-# An image server: the photo plus a trailer after the JPEG end marker, different per path, so every
-# product's image is new content (the store de-duplicates identical sources).
-python3 - "$tmp/photo.jpg" >"$tmp/images.log" 2>&1 <<'PY' &
-import http.server, sys
-photo = open(sys.argv[1], "rb").read()
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = photo + self.path.encode()
-        self.send_response(200); self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", 18198), H).serve_forever()
-PY
-pids+=($!)
+serve_distinct_photos "$tmp/photo.jpg" 18198
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench_latency \
     CACHE_KEY_PREFIX=benchl: LOG_FORMAT=json RUST_LOG=warn,projector=debug,image_worker=info \
     IMAGE_STORE=s3 S3_ENDPOINT=http://127.0.0.1:8333 S3_BUCKET=images AWS_ACCESS_KEY_ID=catalog \

@@ -624,19 +624,25 @@ async fn a_worker_killed_mid_job_leaves_every_job_processed_once() {
     env.cleanup().await;
 }
 
+/// `http://ADDR` of a server that accepts connections, holds them open and never answers.
+async fn never_answering_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    base
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_image_store_sends_jobs_to_the_retry_ladder_at_once() {
     let env = TestEnv::new().await;
     let server = ImageServer::start(0).await;
     // An "S3" that accepts connections and never answers.
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_url = format!("http://{}", hung.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = hung.accept().await {
-            held.push(socket);
-        }
-    });
+    let hung_url = never_answering_server().await;
     let api = env.spawn_api().await;
     let projector = env.spawn_projector();
     let mut config = env.worker_config();
@@ -673,14 +679,7 @@ async fn a_hung_image_origin_is_skipped_after_a_few_timeouts_and_other_origins_a
     let env = TestEnv::new().await;
     let healthy = ImageServer::start(0).await;
     // An image server that accepts connections and never answers.
-    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung_base = format!("http://{}", hung.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = hung.accept().await {
-            held.push(socket);
-        }
-    });
+    let hung_base = never_answering_server().await;
     let api = env.spawn_api().await;
     let projector = env.spawn_projector();
     let mut config = env.worker_config();

@@ -51,6 +51,15 @@ async fn count(client: &deadpool_postgres::Object, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// The projected version of product `id`, if it has a row.
+async fn version(client: &deadpool_postgres::Object, id: Uuid) -> Option<i64> {
+    client
+        .query_opt("SELECT version FROM products WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
 #[tokio::test]
 async fn a_projector_killed_mid_stream_resumes_without_losing_or_doubling_events() {
     const PRODUCTS: usize = 400;
@@ -154,14 +163,7 @@ async fn an_early_event_waits_for_its_predecessor_and_garbage_is_kept_not_droppe
     env.publish(std::slice::from_ref(&created)).await;
     eventually(
         "the product reaches version 2 once its first event arrives",
-        || async {
-            let v = client
-                .query_opt("SELECT version FROM products WHERE id = $1", &[&id])
-                .await
-                .unwrap()
-                .map(|r| r.get::<_, i64>(0));
-            (v == Some(2)).then_some(())
-        },
+        || async { (version(&client, id).await == Some(2)).then_some(()) },
     )
     .await;
     assert_eq!(
@@ -266,12 +268,7 @@ async fn an_event_the_database_refuses_is_kept_aside_and_the_projection_goes_on(
     let later = Uuid::now_v7();
     env.publish(&product_stream(later)).await;
     eventually("a later product is projected", || async {
-        let v = client
-            .query_opt("SELECT version FROM products WHERE id = $1", &[&later])
-            .await
-            .unwrap()
-            .map(|r| r.get::<_, i64>(0));
-        (v == Some(2)).then_some(())
+        (version(&client, later).await == Some(2)).then_some(())
     })
     .await;
     assert_eq!(
@@ -350,12 +347,7 @@ async fn a_parked_event_the_stream_has_already_passed_is_removed_not_kept_foreve
     let projector = env.spawn_projector();
     let client = env.pg().await;
     eventually("the product reaches version 2", || async {
-        let v = client
-            .query_opt("SELECT version FROM products WHERE id = $1", &[&id])
-            .await
-            .unwrap()
-            .map(|r| r.get::<_, i64>(0));
-        (v == Some(2)).then_some(())
+        (version(&client, id).await == Some(2)).then_some(())
     })
     .await;
     // A copy of event 1 left parked (as after an earlier race): it can never apply again.
