@@ -62,18 +62,8 @@ pub async fn lag(
     groups: &[(String, Vec<String>)],
 ) -> Result<Vec<Row>, LagError> {
     let pool = crate::db::pool(db)?;
-    let stored: HashMap<(String, i32), i64> = {
-        let client = pool.get().await?;
-        client
-            .query(
-                "SELECT topic, partition, next_offset FROM projection_offsets WHERE consumer = $1",
-                &[&projector_group],
-            )
-            .await?
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect()
-    };
+    let stored =
+        crate::read_model::stored_positions(&pool.get().await?, None, projector_group).await?;
     let kafka = kafka.clone();
     let projector_group = projector_group.to_owned();
     let groups = groups.to_vec();

@@ -182,3 +182,28 @@ pub async fn upsert_users(
         .await?;
     Ok(())
 }
+
+/// The next offset of every (topic, partition) `consumer` has applied, as stored in `projection_offsets`
+/// of `schema` (the connection's search path when `None`). The projector starts and skips by it, replay
+/// compares by it, and lag reports it.
+pub async fn stored_positions(
+    client: &impl deadpool_postgres::GenericClient,
+    schema: Option<&str>,
+    consumer: &str,
+) -> Result<std::collections::HashMap<(String, i32), i64>, tokio_postgres::Error> {
+    let table = match schema {
+        Some(schema) => format!("{schema}.projection_offsets"),
+        None => "projection_offsets".to_owned(),
+    };
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT topic, partition, next_offset FROM {table} WHERE consumer = $1"
+        ))
+        .await?;
+    Ok(client
+        .query(&statement, &[&consumer])
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}

@@ -447,7 +447,7 @@ async fn load_positions(
     consumer: &str,
 ) -> Result<Positions, platform::db::DbError> {
     let client = pool.get().await?;
-    Ok(projection::stored_positions(&**client, None, consumer).await?)
+    Ok(projection::stored_positions(&client, None, consumer).await?)
 }
 
 /// Commits the group offsets after the batch (asynchronously: PostgreSQL holds the real position).

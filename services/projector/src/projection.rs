@@ -180,18 +180,7 @@ pub async fn apply_batch(
     batch: &[OwnedMessage],
 ) -> Result<(BatchReport, Positions), tokio_postgres::Error> {
     let mut report = BatchReport::default();
-    let stored: Positions = tx
-        .query(
-            &tx.prepare_cached(
-                "SELECT topic, partition, next_offset FROM projection_offsets WHERE consumer = $1",
-            )
-            .await?,
-            &[&consumer],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect();
+    let stored: Positions = stored_positions(tx, None, consumer).await?;
 
     // Decode what is new; remember the next offset per partition.
     let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
@@ -320,27 +309,7 @@ pub async fn apply_batch(
     Ok((report, positions))
 }
 
-/// The next offset of every partition `consumer` has applied, as stored in `schema` (the connection's
-/// search path when `None`).
-pub async fn stored_positions(
-    client: &impl tokio_postgres::GenericClient,
-    schema: Option<&str>,
-    consumer: &str,
-) -> Result<Positions, tokio_postgres::Error> {
-    let table = match schema {
-        Some(schema) => format!("{schema}.projection_offsets"),
-        None => "projection_offsets".to_owned(),
-    };
-    Ok(client
-        .query(
-            &format!("SELECT topic, partition, next_offset FROM {table} WHERE consumer = $1"),
-            &[&consumer],
-        )
-        .await?
-        .iter()
-        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-        .collect())
-}
+pub use platform::read_model::stored_positions;
 
 fn offer<S: Fold>(
     stream: &mut Stream<S>,

@@ -98,7 +98,7 @@ fn side_schema(live: &str) -> String {
 
 async fn positions(pool: &Pool, schema: &str, consumer: &str) -> Result<Positions, ReplayError> {
     let client = pool.get().await?;
-    Ok(stored_positions(&**client, Some(schema), consumer).await?)
+    Ok(stored_positions(&client, Some(schema), consumer).await?)
 }
 
 /// Whether `rebuilt` has reached `live` on every partition live has consumed.
@@ -308,8 +308,8 @@ async fn switch(
             .join(", ")
     ))
     .await?;
-    let live_now = stored_positions(&*tx, Some(live), live_group).await?;
-    let rebuilt = stored_positions(&*tx, Some(rebuild), REBUILD_CONSUMER).await?;
+    let live_now = stored_positions(&tx, Some(live), live_group).await?;
+    let rebuilt = stored_positions(&tx, Some(rebuild), REBUILD_CONSUMER).await?;
     if !caught_up(&rebuilt, &live_now) {
         tx.rollback().await?;
         return Ok(None);
