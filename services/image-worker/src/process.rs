@@ -198,7 +198,9 @@ fn swaps_sides(o: Orientation) -> bool {
 }
 
 /// Width and height as displayed (after EXIF orientation), read from the header only.
+/// A cut-off source is refused here too, so variants stored earlier are never reused for it.
 pub fn display_size(bytes: &[u8], limits: DecodeLimits) -> Result<(u32, u32), Failure> {
+    check_complete(bytes)?;
     let mut decoder = decoder(bytes, limits)?;
     let (w, h) = decoder.dimensions();
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
