@@ -48,6 +48,7 @@ bench:
     scripts/bench-projection.sh
     scripts/bench-sustained.sh
     scripts/bench-s3-pause.sh
+    scripts/bench-hostile.sh
 
 # List the image pipeline's dead-letter topic (add --product ID / --error-class CLASS to filter).
 dlq-list *args:

@@ -2,6 +2,8 @@
 
 use std::io::Cursor;
 
+pub mod hostile;
+
 /// A deterministic 3000×2000 photo-like JPEG (quality 90): smooth gradients plus fine noise, like a
 /// photo, so encoders cannot cheat on flat colour. The image benchmarks all use it.
 pub fn photo() -> Vec<u8> {

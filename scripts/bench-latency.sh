@@ -107,7 +107,7 @@ rows = [
     ("worker", "job received", "hop.delivery_ms", "produce → job in hand"),
     ("worker", "image processed", "hop.download_ms", "download"),
     ("worker", "image processed", "hop.store_check_ms", "store: variants already there?"),
-    ("worker", "image processed", "hop.cpu_wait_ms", "wait for a CPU slot"),
+    ("worker", "image processed", "hop.cpu_wait_ms", "header check, wait for memory and a CPU slot"),
     ("worker", "image processed", "hop.render_ms", "decode + 4 variants + encode"),
     ("worker", "image processed", "hop.store_ms", "store 4 variants"),
     ("worker", "job answered", "hop.result_ms", "append ImagesProcessed + publish"),

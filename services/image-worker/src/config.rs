@@ -62,6 +62,11 @@ pub struct Config {
     /// Most pixels (width × height) a source image may declare.
     #[arg(long, env = "IMAGE_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
+    /// Memory the worker may use, in MiB: images wait for their share (downloads and decoding are
+    /// budgeted from their headers before anything is allocated), and an image that alone needs more
+    /// than the decoding share fails with `too_many_pixels`.
+    #[arg(long, env = "IMAGE_MEMORY_LIMIT_MB", default_value_t = 1024)]
+    pub memory_limit_mb: u32,
     /// Images decoded and encoded at once (CPU-bound; 0 = number of cores).
     #[arg(long, env = "IMAGE_CPU_WORKERS", default_value_t = 0)]
     pub cpu_workers: usize,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dlq;
 pub mod fetch;
 pub mod job;
+pub mod memory;
 pub mod process;
 pub mod storage;
 pub mod worker;
@@ -101,6 +102,8 @@ pub async fn run(
             ..DecodeLimits::default()
         },
         cpu: Arc::new(Semaphore::new(cpu_workers)),
+        memory: memory::MemoryBudget::new(config.memory_limit_mb, config.fetch_max_bytes)
+            .map_err(|e| StartupError::Config(e.to_string()))?,
         pool: platform::db::pool(&config.db).map_err(|e| StartupError::Config(e.to_string()))?,
         event_topics: Arc::new(config.kafka.topics()),
     };
@@ -116,7 +119,13 @@ pub async fn run(
         client_id: "catalog-image-worker-retry",
         topics: topics.retries.clone(),
     };
-    tracing::info!(group = %config.group_id, cpu_workers, "image worker consuming");
+    tracing::info!(
+        group = %config.group_id,
+        cpu_workers,
+        memory.limit_mb = config.memory_limit_mb,
+        memory.decode_mib = ctx.memory.decode_mib(),
+        "image worker consuming"
+    );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let job_task = tokio::spawn(worker::run_jobs(ctx.clone(), jobs, stopped.clone()));

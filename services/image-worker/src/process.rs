@@ -171,13 +171,188 @@ fn decoder(bytes: &[u8], limits: DecodeLimits) -> Result<impl ImageDecoder + '_,
     reader.limits(l);
     let decoder = reader.into_decoder().map_err(decode_failure)?;
     let (w, h) = decoder.dimensions();
+    check_frame(w, h, limits)?;
+    Ok(decoder)
+}
+
+/// A frame (or a whole image) of `w`×`h` pixels is decodable within `limits`.
+fn check_frame(w: u32, h: u32, limits: DecodeLimits) -> Result<(), Failure> {
+    if w == 0 || h == 0 {
+        return Err(Failure::permanent(
+            "corrupt",
+            format!("the image declares a {w}×{h} frame (no pixels)"),
+        ));
+    }
+    if w > limits.max_side || h > limits.max_side {
+        return Err(Failure::permanent(
+            "too_many_pixels",
+            format!(
+                "a {w}×{h} frame is more than {} pixels on a side",
+                limits.max_side
+            ),
+        ));
+    }
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(Failure::permanent(
             "too_many_pixels",
             format!("{w}×{h} is more than {} pixels", limits.max_pixels),
         ));
     }
-    Ok(decoder)
+    Ok(())
+}
+
+/// The frames of a GIF (width and height of each), read from its block structure without decoding
+/// any pixels. A GIF's logical screen says nothing about its frames: a 10×10 screen may hold a
+/// 16000×16000 frame, which the decoder would allocate in full.
+fn gif_frames(bytes: &[u8]) -> Result<Vec<(u32, u32)>, Failure> {
+    let corrupt = |what: &str| Failure::permanent("corrupt", format!("malformed GIF: {what}"));
+    let byte = |at: usize| bytes.get(at).copied().ok_or_else(|| corrupt("cut short"));
+    let word = |at: usize| -> Result<u32, Failure> {
+        Ok(u32::from(u16::from_le_bytes([byte(at)?, byte(at + 1)?])))
+    };
+    // Skips a run of data sub-blocks (length byte, data, …, zero), returning the position after it.
+    let sub_blocks = |mut at: usize| -> Result<usize, Failure> {
+        loop {
+            let len = usize::from(byte(at)?);
+            at += 1 + len;
+            if len == 0 {
+                return Ok(at);
+            }
+        }
+    };
+    let table = |flags: u8| {
+        if flags & 0x80 != 0 {
+            3usize << ((flags & 0x07) + 1)
+        } else {
+            0
+        }
+    };
+    let mut at = 13 + table(byte(10)?);
+    let mut frames = Vec::new();
+    loop {
+        match byte(at)? {
+            0x21 => at = sub_blocks(at + 2)?,
+            0x2C => {
+                frames.push((word(at + 5)?, word(at + 7)?));
+                // Descriptor (10 bytes), local colour table, LZW code size, image data.
+                at = sub_blocks(at + 10 + table(byte(at + 9)?) + 1)?;
+            }
+            0x3B => return Ok(frames),
+            other => return Err(corrupt(&format!("unknown block 0x{other:02X}"))),
+        }
+    }
+}
+
+/// What rendering an image will take, read from its header (and a GIF's block structure) alone, so
+/// the worker can wait for memory before allocating any of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Stored width in pixels (before EXIF orientation).
+    pub width: u32,
+    /// Stored height in pixels.
+    pub height: u32,
+    /// EXIF orientation, applied to the variants.
+    pub orientation: Orientation,
+    /// An upper bound of the bytes `render` holds at once for this image (decoded pixels, their
+    /// 8-bit copy, decoder state, resize buffers, variants), beside the source bytes themselves.
+    pub peak_bytes: u64,
+}
+
+impl Plan {
+    /// Width and height as displayed (after EXIF orientation).
+    pub fn display_size(&self) -> (u32, u32) {
+        if swaps_sides(self.orientation) {
+            (self.height, self.width)
+        } else {
+            (self.width, self.height)
+        }
+    }
+}
+
+/// Checks `bytes` (complete, decodable header, every frame within `limits`) and estimates the memory
+/// rendering `specs` from it needs. Nothing is decoded.
+pub fn plan(bytes: &[u8], limits: DecodeLimits, specs: &[VariantSpec]) -> Result<Plan, Failure> {
+    check_complete(bytes)?;
+    let format = sniff(bytes)?;
+    let mut extra_frame = 0u64;
+    if format == ImageFormat::Gif {
+        let frames = gif_frames(bytes)?;
+        if frames.is_empty() {
+            return Err(Failure::permanent("corrupt", "the GIF holds no frame"));
+        }
+        for &(w, h) in &frames {
+            check_frame(w, h, limits)?;
+        }
+        // Only the first frame is decoded; when it differs from the screen it gets a buffer of
+        // its own (RGBA).
+        let (w, h) = frames[0];
+        extra_frame = u64::from(w) * u64::from(h) * 4;
+    }
+    let mut decoder = decoder(bytes, limits)?;
+    let (width, height) = decoder.dimensions();
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let pixels = u64::from(width) * u64::from(height);
+    let native = decoder.total_bytes();
+    let rgb = pixels * 3;
+    let decoding = match format {
+        // Full-size output (the scaled decode is smaller), the 8-bit copy, and a progressive scan's
+        // coefficients (two bytes per sample, kept for the whole image).
+        ImageFormat::Jpeg => {
+            native
+                + rgb
+                + if progressive_jpeg(bytes) {
+                    pixels * 6
+                } else {
+                    0
+                }
+        }
+        // The screen, the first frame's own buffer, the 8-bit copy.
+        ImageFormat::Gif => native + extra_frame + rgb,
+        // WebP decoders keep a frame of their own (ARGB for lossless, YUV for lossy).
+        ImageFormat::WebP => native + pixels * 4 + rgb,
+        _ => native + rgb,
+    };
+    // Per variant size: the resize's intermediate pass (target width × source height or the other
+    // way round), the resized and the oriented copy, and the encoders' working buffers.
+    let mut sides: Vec<u32> = specs.iter().map(|s| s.max_side).collect();
+    sides.sort_unstable();
+    sides.dedup();
+    let variants: u64 = sides
+        .iter()
+        .map(|&side| {
+            let (w, h) = fit(width, height, side);
+            let (w, h) = (u64::from(w), u64::from(h));
+            let pass = (w * u64::from(height)).max(u64::from(width) * h) * 3;
+            pass + w * h * 3 * 4
+        })
+        .sum();
+    const SLACK: u64 = 8 << 20;
+    Ok(Plan {
+        width,
+        height,
+        orientation,
+        peak_bytes: decoding + variants + SLACK,
+    })
+}
+
+/// Whether a JPEG's frame is progressive (SOF2): such a frame is decoded from coefficients kept for
+/// the whole image.
+fn progressive_jpeg(bytes: &[u8]) -> bool {
+    let mut at = 2;
+    while let (Some(&0xFF), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) {
+        match marker {
+            0xC2 | 0xC6 | 0xCA | 0xCE => return true,
+            0xC0 | 0xC1 | 0xC3 | 0xDA => return false,
+            0xFF => at += 1,
+            _ => {
+                let Some(len) = bytes.get(at + 2..at + 4) else {
+                    return false;
+                };
+                at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+            }
+        }
+    }
+    false
 }
 
 fn decode_failure(e: image::ImageError) -> Failure {
@@ -200,15 +375,7 @@ fn swaps_sides(o: Orientation) -> bool {
 /// Width and height as displayed (after EXIF orientation), read from the header only.
 /// A cut-off source is refused here too, so variants stored earlier are never reused for it.
 pub fn display_size(bytes: &[u8], limits: DecodeLimits) -> Result<(u32, u32), Failure> {
-    check_complete(bytes)?;
-    let mut decoder = decoder(bytes, limits)?;
-    let (w, h) = decoder.dimensions();
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    Ok(if swaps_sides(orientation) {
-        (h, w)
-    } else {
-        (w, h)
-    })
+    Ok(plan(bytes, limits, &[])?.display_size())
 }
 
 /// Size of a variant of a `width`×`height` image whose longest side may be at most `max_side`:
@@ -336,37 +503,39 @@ pub fn check_complete(bytes: &[u8]) -> Result<(), Failure> {
 }
 
 /// Decodes `bytes` and produces every variant in `specs`.
+///
+/// Memory: the decoded pixels are turned into 8-bit RGB at once (the decoder's own buffer, 16 bits a
+/// sample for some PNGs, is dropped before anything else is allocated), and variants are resized from
+/// the stored pixels and only then oriented, so a rotation copies a variant, never the whole image.
+/// `plan` states the bound.
 pub fn render(
     bytes: &[u8],
     limits: DecodeLimits,
     specs: &[VariantSpec],
 ) -> Result<Vec<Encoded>, Failure> {
-    check_complete(bytes)?;
+    let plan = plan(bytes, limits, specs)?;
+    render_planned(bytes, limits, &plan, specs)
+}
+
+/// `render` for an image already checked by `plan`.
+pub fn render_planned(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    plan: &Plan,
+    specs: &[VariantSpec],
+) -> Result<Vec<Encoded>, Failure> {
     // The header (limits, orientation) always goes through `image`; a JPEG's pixels are then decoded
     // shrunk on load to what the largest variant needs.
-    let mut decoder = decoder(bytes, limits)?;
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    // Variant sizes follow from the full size (as `display_size` reports it), whatever scale the
-    // pixels were decoded at.
-    let (full_w, full_h) = {
-        let (w, h) = decoder.dimensions();
-        if swaps_sides(orientation) {
-            (h, w)
-        } else {
-            (w, h)
-        }
-    };
     let largest = specs.iter().map(|s| s.max_side).max().unwrap_or(u32::MAX);
     let scaled = if sniff(bytes)? == ImageFormat::Jpeg {
         decode_jpeg_scaled(bytes, largest)?
     } else {
         None
     };
-    let mut image = match scaled {
+    let image = match scaled {
         Some(image) => image,
-        None => DynamicImage::from_decoder(decoder).map_err(decode_failure)?,
+        None => DynamicImage::from_decoder(decoder(bytes, limits)?).map_err(decode_failure)?,
     };
-    image.apply_orientation(orientation);
     let rgb = image.into_rgb8();
     let (width, height) = rgb.dimensions();
     let source = Image::from_vec_u8(width, height, rgb.into_raw(), PixelType::U8x3)
@@ -374,10 +543,12 @@ pub fn render(
     let mut resizer = Resizer::new();
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
     let mut out = Vec::with_capacity(specs.len());
-    let mut resized: Vec<(u32, Image<'static>)> = Vec::new();
+    // Oriented variant pixels per longest side. Sizes follow from the full stored size (the pixels
+    // may have been decoded at a smaller scale).
+    let mut resized: Vec<(u32, image::RgbImage)> = Vec::new();
     for spec in specs {
-        let (w, h) = fit(full_w, full_h, spec.max_side);
         if !resized.iter().any(|(side, _)| *side == spec.max_side) {
+            let (w, h) = fit(plan.width, plan.height, spec.max_side);
             let mut target = Image::new(w, h, PixelType::U8x3);
             if (w, h) == (width, height) {
                 target.buffer_mut().copy_from_slice(source.buffer());
@@ -386,14 +557,19 @@ pub fn render(
                     .resize(&source, &mut target, &options)
                     .map_err(|e| Failure::permanent("decode", e.to_string()))?;
             }
-            resized.push((spec.max_side, target));
+            let stored = image::RgbImage::from_raw(w, h, target.into_vec())
+                .expect("a resize target holds w × h × 3 bytes");
+            let mut oriented = DynamicImage::ImageRgb8(stored);
+            oriented.apply_orientation(plan.orientation);
+            resized.push((spec.max_side, oriented.into_rgb8()));
         }
         let pixels = &resized
             .iter()
             .find(|(side, _)| *side == spec.max_side)
             .expect("just resized")
             .1;
-        let bytes = encode(pixels.buffer(), w, h, *spec)?;
+        let (w, h) = pixels.dimensions();
+        let bytes = encode(pixels.as_raw(), w, h, *spec)?;
         out.push(Encoded {
             spec: *spec,
             width: w,

@@ -70,6 +70,8 @@ pub struct Context {
     pub limits: DecodeLimits,
     /// Bounds the CPU-bound work running at once.
     pub cpu: Arc<Semaphore>,
+    /// Bounds the memory that downloads and decoding hold at once.
+    pub memory: crate::memory::MemoryBudget,
     /// The event store results are appended through.
     pub pool: deadpool_postgres::Pool,
     /// Event topic names (results are published to the products topic from the store).
@@ -99,7 +101,9 @@ pub enum JobError {
 /// store. Returns its outcome, or a failure.
 async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, Failure> {
     let started = Instant::now();
+    let mut download = ctx.memory.download().await;
     let source = ctx.fetcher.fetch(&image.url).await?;
+    download.shrink_to(source.len());
     let downloaded = Instant::now();
     let hash = hex(&Sha256::digest(&source));
     let keys: Vec<String> = DEFAULT_VARIANTS
@@ -114,25 +118,24 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
     let checked = Instant::now();
-    let permit = ctx
-        .cpu
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore never closes");
-    let got_cpu = Instant::now();
-    let mut rendered = got_cpu;
     let limits = ctx.limits;
     let span = tracing::Span::current();
-    let variants = if sizes.iter().all(Option::is_some) {
-        // Already stored (same source bytes, same settings): only the sizes are needed, from the header.
-        let (w, h) = tokio::task::spawn_blocking(move || {
+    // Header only: completeness, every frame within the limits, the memory decoding will take.
+    let source = Arc::new(source);
+    let plan = {
+        let (source, span) = (source.clone(), span.clone());
+        tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let _permit = permit;
-            process::display_size(&source, limits)
+            process::plan(&source, limits, &DEFAULT_VARIANTS)
         })
         .await
-        .map_err(blocking_failure)??;
+        .map_err(blocking_failure)??
+    };
+    let mut got_cpu = checked;
+    let mut rendered = checked;
+    let variants = if sizes.iter().all(Option::is_some) {
+        // Already stored (same source bytes, same settings): only the sizes are needed.
+        let (w, h) = plan.display_size();
         DEFAULT_VARIANTS
             .iter()
             .zip(keys.iter().zip(sizes))
@@ -150,10 +153,29 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
             })
             .collect()
     } else {
+        // Memory first, then a CPU slot: a job waiting for either holds nothing the other waits for.
+        let Some(memory) = ctx.memory.decoding(plan.peak_bytes).await else {
+            return Err(Failure::permanent(
+                "too_many_pixels",
+                format!(
+                    "decoding it needs about {} MiB, more than this worker's {} MiB for decoding \
+                     (IMAGE_MEMORY_LIMIT_MB)",
+                    plan.peak_bytes.div_ceil(1 << 20),
+                    ctx.memory.decode_mib()
+                ),
+            ));
+        };
+        let permit = ctx
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        got_cpu = Instant::now();
         let encoded = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let _permit = permit;
-            process::render(&source, limits, &DEFAULT_VARIANTS)
+            let _held = (permit, memory);
+            process::render_planned(&source, limits, &plan, &DEFAULT_VARIANTS)
         })
         .await
         .map_err(blocking_failure)??;
@@ -185,6 +207,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         .collect::<Result<Vec<_>, _>>()?;
         variants
     };
+    drop(download);
     let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
     let stored = Instant::now();
     tracing::info!(
