@@ -95,21 +95,38 @@ async fn reads_hit_the_cache_and_every_change_invalidates_it() {
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    // Read-your-writes by version: reached → 200; never reached → 503 naming the problem.
+    // Read-your-writes by version: reached → 200; a version nobody wrote → 422 at once (waiting
+    // could not bring it); written but not projected → 503 naming the problem.
     let (status, _, body) = get(&api, &format!("{path}?min_version=3")).await;
     assert_eq!((status, body["version"].as_u64()), (200, Some(3)));
+    let started = std::time::Instant::now();
     let (status, _, body) = get(&api, &format!("{path}?min_version=9")).await;
     assert_eq!(
-        (status, body["code"].as_str()),
-        (503, Some("projection_behind"))
+        (status, body["errors"][0]["field"].as_str()),
+        (422, Some("min_version"))
     );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     let (status, _, body) = get(&api, &format!("{path}?min_version=x")).await;
     assert_eq!(
         (status, body["errors"][0]["field"].as_str()),
         (422, Some("min_version"))
     );
-
     projector.stop().await;
+    let r = api
+        .http
+        .patch(api.url(&path))
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"product_name":"Renamed"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, _, body) = get(&api, &format!("{path}?min_version=4")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("projection_behind"))
+    );
+
     api.stop().await;
     env.cleanup().await;
 }
@@ -141,7 +158,7 @@ async fn append_failed_result(env: &TestEnv, created: &Value) {
                 .collect(),
         }),
     );
-    env.publish(&[processed]).await;
+    env.append_through_store(processed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,21 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, eventually};
+use crate::helpers::{TestApi, TestEnv, eventually, product_body};
+
+/// Products the API accepted and no projector projects (none runs in these tests): a read of one
+/// waits the whole read wait for it (an id the event store never accepted is answered at once).
+async fn unprojected(api: &TestApi, n: usize) -> Vec<String> {
+    let user = api.create_user().await;
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = api.post("/products", &product_body(&user)).await;
+        assert_eq!(r.status(), 201);
+        let body: serde_json::Value = r.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
 
 /// Sends a raw GET and hangs up after `after`, as an impatient client does.
 async fn get_and_disconnect(base: &str, path: &str, after: Duration) {
@@ -23,8 +37,9 @@ async fn clients_that_disconnect_while_waiting_do_not_wedge_the_api() {
     let env = TestEnv::new().await;
     // The pool is 8 connections in tests; three times as many abandoned waits as connections.
     let api = env.spawn_api().await;
-    let abandoned = (0..24).map(|_| {
-        let path = format!("/products/{}?min_version=1", Uuid::new_v4());
+    let ids = unprojected(&api, 24).await;
+    let abandoned = ids.iter().map(|id| {
+        let path = format!("/products/{id}?min_version=1");
         let base = api.base.clone();
         async move { get_and_disconnect(&base, &path, Duration::from_millis(100)).await }
     });
@@ -53,10 +68,12 @@ async fn many_waiting_reads_do_not_starve_other_requests() {
     config.read_wait_ms = 8_000;
     let api = env.spawn_api_with(config).await;
     // Four times the pool size of reads waiting for versions that never come.
-    let waiting: Vec<_> = (0..32)
-        .map(|_| {
+    let waiting: Vec<_> = unprojected(&api, 32)
+        .await
+        .into_iter()
+        .map(|id| {
             let http = api.http.clone();
-            let url = api.url(&format!("/products/{}?min_version=1", Uuid::new_v4()));
+            let url = api.url(&format!("/products/{id}?min_version=1"));
             tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
         })
         .collect();
@@ -68,6 +85,45 @@ async fn many_waiting_reads_do_not_starve_other_requests() {
     for w in waiting {
         assert_eq!(w.await.unwrap().unwrap(), 404, "a version that never comes");
     }
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn one_client_cannot_hold_more_than_its_share_of_requests() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.client_concurrency = 4;
+    config.read_wait_ms = 3_000;
+    let api = env.spawn_api_with(config).await;
+    // Four waits (for versions that never come) take every slot of this client address.
+    let waiting: Vec<_> = unprojected(&api, 4)
+        .await
+        .into_iter()
+        .map(|id| {
+            let http = api.http.clone();
+            let url = api.url(&format!("/products/{id}?min_version=1"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    // (They wait 3 s; half a second is ample for all four to arrive.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A fifth request is refused at once, with the reason and when to retry.
+    let started = std::time::Instant::now();
+    let r = api.get(&format!("/users/{}", Uuid::new_v4())).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_in_flight");
+    // Probes are never refused for it.
+    assert_eq!(api.get("/healthz").await.status(), 200);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap(), 404, "a version that never comes");
+    }
+    // Slots are given back when requests end.
+    let r = api.get(&format!("/users/{}", Uuid::new_v4())).await;
+    assert_eq!(r.status(), 404);
     api.stop().await;
     env.cleanup().await;
 }

@@ -281,6 +281,38 @@ impl TestEnv {
         messages
     }
 
+    /// Appends `event` to its product's stream through the event store (the one authority on
+    /// sequences, as every service does) and publishes the stream.
+    pub async fn append_through_store(&self, event: events::Envelope<events::ProductEvent>) {
+        use platform::event_store::{self, NewEvent};
+        let pool = platform::db::pool(&self.db()).unwrap();
+        let mut client = pool.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let (version, mut state) =
+            event_store::lock_head::<events::ProductState>(&tx, event.aggregate_id)
+                .await
+                .unwrap()
+                .expect("the product's stream exists");
+        assert_eq!(event.sequence, version + 1, "the event follows its stream");
+        state.apply(&event).unwrap();
+        event_store::append(
+            &tx,
+            event.aggregate_id,
+            version,
+            &[NewEvent::new(event.to_wire())],
+            &state,
+            "test",
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        drop(client);
+        let producer = platform::kafka::EventProducer::new(&self.kafka(), "test").unwrap();
+        event_store::publish_stream(&pool, &producer, &self.kafka().topics(), event.aggregate_id)
+            .await
+            .unwrap();
+    }
+
     /// Appends `events` to the products topic (keyed by aggregate id), each acknowledged.
     pub async fn publish(&self, events: &[events::Envelope<events::ProductEvent>]) {
         let payloads: Vec<(String, Vec<u8>)> = events

@@ -13,6 +13,7 @@ mod cache;
 mod compose;
 mod downstream;
 mod edits;
+mod fuzz;
 mod hardening;
 mod helpers;
 mod history;

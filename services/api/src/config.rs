@@ -19,6 +19,11 @@ pub struct Config {
     /// Largest accepted request body, in bytes (larger answers 413).
     #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Requests one client address may have in progress at once; more are answered 429 at once
+    /// (0 = no limit). Behind a reverse proxy every client shares the proxy's address: raise it or
+    /// set 0 there and limit at the proxy.
+    #[arg(long, env = "API_CLIENT_CONCURRENCY", default_value_t = 64)]
+    pub client_concurrency: usize,
     /// Longest a request may take before it is answered 503, in milliseconds.
     #[arg(long, env = "API_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
     pub request_timeout_ms: u64,

@@ -43,6 +43,9 @@ pub enum ApiError {
         /// Seconds until a request is allowed again.
         retry_after: u64,
     },
+    /// 429: this client address already has `API_CLIENT_CONCURRENCY` requests in progress.
+    #[error("too many requests in progress from this client; retry when one has finished")]
+    TooManyInFlight,
     /// 404: no such resource.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -140,6 +143,7 @@ impl ApiError {
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooManyInFlight => (StatusCode::TOO_MANY_REQUESTS, "too_many_in_flight"),
             ApiError::VersionMismatch { .. } => {
                 (StatusCode::PRECONDITION_FAILED, "version_mismatch")
             }
@@ -167,6 +171,7 @@ impl IntoResponse for ApiError {
         };
         let retry_after = match &self {
             ApiError::RateLimited { retry_after } => Some(*retry_after),
+            ApiError::TooManyInFlight => Some(1),
             _ => None,
         };
         let unauthenticated = matches!(self, ApiError::Unauthenticated);

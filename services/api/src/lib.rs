@@ -102,6 +102,7 @@ async fn guard_reads(
 pub fn with_middleware(routes: Router, config: &Config) -> Router {
     let limit = config.max_body_bytes;
     let timeout = config.request_timeout();
+    let slots = ClientSlots::new(config.client_concurrency);
     routes
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
@@ -117,10 +118,79 @@ pub fn with_middleware(routes: Router, config: &Config) -> Router {
                 }
             },
         ))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let slots = slots.clone();
+            async move { slots.run(req, next).await }
+        }))
         .layer(middleware::from_fn(trace_request))
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
         .layer(middleware::from_fn(bound_request_id))
+}
+
+/// Requests in progress per client address, bounded: one client (however many connections it opens)
+/// cannot hold every pooled connection, waiting read and worker task. Probes are not counted, so a
+/// flood from the orchestrator's address never fails liveness.
+#[derive(Clone)]
+struct ClientSlots {
+    limit: usize,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One request's slot, given back when the request ends, however it ends (answered, timed out, or
+/// dropped when its client hangs up).
+struct ClientSlot {
+    slots: ClientSlots,
+    client: std::net::IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.slots.in_flight.lock().expect("never poisoned");
+        if let Some(n) = in_flight.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                in_flight.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl ClientSlots {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            in_flight: Arc::default(),
+        }
+    }
+
+    fn take(&self, client: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut in_flight = self.in_flight.lock().expect("never poisoned");
+        let n = in_flight.entry(client).or_default();
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+
+    async fn run(&self, request: Request, next: Next) -> Response {
+        let client = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+        let Some(client) = client.filter(|_| self.limit > 0 && !probe) else {
+            return next.run(request).await;
+        };
+        let Some(_slot) = self.take(client) else {
+            return ApiError::TooManyInFlight.into_response();
+        };
+        next.run(request).await
+    }
 }
 
 /// Longest client-supplied `x-request-id` kept.

@@ -61,7 +61,9 @@ pub(crate) async fn projected<T>(
 /// Looks (with `look`) until the row reaches the larger of `min_version` and the version this API
 /// accepted for it, or `wait` runs out; then returns the row as it is (callers compare versions).
 ///
-/// An id that is neither projected nor accepted, with no `min_version`, is answered at once.
+/// An id that is neither projected nor accepted is answered at once (not found), and a `min_version`
+/// above the accepted version is refused at once (422 naming `min_version`): neither can change by
+/// waiting.
 /// Between looks nothing is held but a timer and a subscription to the projector's commit
 /// announcements: a read wakes when a batch commits, not on a polling interval. Dropping the
 /// returned future stops the wait.
@@ -82,6 +84,17 @@ where
         // Mark the commits seen before looking: one committed after this wakes the wait below.
         commits.borrow_and_update();
         let Projected { value, accepted } = look().await?;
+        // A version the event store never accepted is not "on its way": waiting for it would only
+        // end in `projection_behind`. An id with no stream at all reads as not found.
+        if min_version > accepted && accepted > 0 {
+            return Err(ApiError::Validation(vec![crate::domain::FieldError::new(
+                "min_version",
+                format!("there is no version {min_version} yet; the latest is {accepted}"),
+            )]));
+        }
+        if min_version > 0 && accepted == 0 && value.is_none() {
+            return Ok(None);
+        }
         let wanted = accepted.max(min_version);
         let caught_up = match &value {
             None => accepted == 0 && min_version == 0,
