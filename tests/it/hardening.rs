@@ -128,6 +128,90 @@ async fn one_client_cannot_hold_more_than_its_share_of_requests() {
     env.cleanup().await;
 }
 
+/// Reads from `stream` until the server closes it; `None` if it is still open after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(seen),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_that_trickle_headers_or_sit_idle_are_closed() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.header_timeout_ms = 500;
+    let api = env.spawn_api_with(config).await;
+    let addr = api.base.trim_start_matches("http://").to_owned();
+
+    // Half a request's headers, then nothing (slowloris).
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a connection that never finishes its headers is closed"
+    );
+
+    // A whole request is served; the idle keep-alive connection after it is closed.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = closed_within(&mut idle, Duration::from_secs(5))
+        .await
+        .expect("an idle connection is closed");
+    assert!(answered.starts_with(b"HTTP/1.1 200"), "{answered:?}");
+    api.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_connections() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.client_connections = 3;
+    config.header_timeout_ms = 1_000;
+    let api = env.spawn_api_with(config).await;
+    let addr = api.base.trim_start_matches("http://").to_owned();
+    // The test client's keep-alive connection from start-up is closed after the header timeout.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .ok();
+    let answer = closed_within(&mut extra, Duration::from_secs(5))
+        .await
+        .expect("a connection over the limit is closed");
+    assert!(answer.is_empty(), "closed unanswered: {answer:?}");
+    // The connections within the limit are served.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut first, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    api.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn list_filters_postgres_cannot_store_are_refused_by_name() {
     let env = TestEnv::new().await;

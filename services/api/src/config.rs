@@ -19,6 +19,14 @@ pub struct Config {
     /// Largest accepted request body, in bytes (larger answers 413).
     #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Longest a client may take to send a request's headers, in milliseconds; also how long an idle
+    /// keep-alive connection is kept. A connection that is slower is closed.
+    #[arg(long, env = "API_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Connections one client address may hold open at once; more are closed as they are accepted
+    /// (0 = no limit). Behind a reverse proxy every client shares the proxy's address.
+    #[arg(long, env = "API_CLIENT_CONNECTIONS", default_value_t = 256)]
+    pub client_connections: usize,
     /// Requests one client address may have in progress at once; more are answered 429 at once
     /// (0 = no limit). Behind a reverse proxy every client shares the proxy's address: raise it or
     /// set 0 there and limit at the proxy.

@@ -332,17 +332,94 @@ pub async fn run(
     ));
     tracing::info!(addr = %listener.local_addr()?, "catalog API listening");
     let app = router(state.clone(), &config);
-    axum::serve(
+    serve(
         listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app,
+        Duration::from_millis(config.header_timeout_ms),
+        ClientSlots::new(config.client_connections),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    .await;
     let _ = stop_relay.send(true);
     let _ = relay.await;
     flush(&state).await;
     tracing::info!("catalog API stopped");
     Ok(())
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown`, then stops accepting, lets every
+/// connection finish the request in hand and returns.
+///
+/// Unlike `axum::serve`, a client must send each request's headers within `header_timeout` (an idle
+/// keep-alive connection gets the same time to start its next request), so connections that trickle
+/// headers or sit idle are closed instead of held for good, and one address may hold `connections`
+/// connections at once (the rest are closed as they are accepted).
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    connections: ClientSlots,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let (close, closing) = tokio::sync::watch::channel(false);
+    let mut open = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while open.try_join_next().is_some() {}
+        let slot = if connections.limit == 0 {
+            None
+        } else {
+            match connections.take(addr.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::warn!(client = %addr.ip(), "too many connections from this address; closed");
+                    continue;
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(addr));
+                request
+            },
+        ));
+        let mut closing = closing.clone();
+        open.spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = closing.changed() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = close.send(true);
+    while open.join_next().await.is_some() {}
 }
 
 async fn flush(state: &AppState) {
