@@ -28,6 +28,15 @@ test:
     # The contract against everything the suite emitted: AsyncAPI parses, every message conforms.
     scripts/contract.sh 127.0.0.1:{{test_broker_port}}
 
+# The fault suite: the whole system as real processes on private PostgreSQL, Redis, broker and S3, under
+# load, while the API, projector and worker are SIGKILLed, PostgreSQL restarts, Redis stops and hangs, S3
+# and the broker stop; prints a summary table and fails if an acknowledged write is lost or doubled.
+chaos:
+    scripts/broker.sh ensure >/dev/null
+    scripts/s3.sh ensure >/dev/null
+    cargo build --workspace --bins --tests --quiet
+    cargo test --quiet -p tests --test it -- --ignored --nocapture --test-threads 1 chaos::
+
 # Formatting and lints, as CI checks them.
 lint:
     cargo fmt --all --check

@@ -208,3 +208,58 @@ async fn a_broker_restarted_empty_is_reported_not_ready_and_writes_fail_cleanly(
     api.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_relay_does_not_send_again_what_already_reached_the_log() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let user = api.create_user().await;
+    let created: Value = api
+        .post("/products", &product_body(&user))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id: Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    api.stop().await;
+    // The events reached the log, but their writer died before marking them (as after a SIGKILL, or a
+    // send given up while a stalled broker still held it).
+    let unmarked = env
+        .pg()
+        .await
+        .execute(
+            "UPDATE event_store SET published_at = NULL WHERE aggregate_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unmarked, 2);
+
+    let pool = platform::db::pool(&env.db()).unwrap();
+    let producer = platform::kafka::EventProducer::new(&env.kafka(), "test").unwrap();
+    let sent = platform::event_store::relay_once(
+        &pool,
+        &producer,
+        &env.kafka().topics(),
+        Duration::ZERO,
+        100,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sent, 0, "nothing is produced again");
+    let still_unpublished: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM event_store WHERE aggregate_id = $1 AND published_at IS NULL",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still_unpublished, 0, "both are marked published");
+    // Exactly one copy of each in the log.
+    let messages = crate::helpers::read_all(&env.kafka(), &env.kafka().topics().products).await;
+    assert_eq!(crate::helpers::keyed(&messages, &id.to_string()).len(), 2);
+    env.cleanup().await;
+}

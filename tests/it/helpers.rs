@@ -577,3 +577,58 @@ pub fn product_body(user_id: &str) -> Value {
         "product_price": "349.90",
     })
 }
+
+/// Every message of `topic` up to its current end.
+pub async fn read_all(
+    kafka: &platform::config::KafkaConfig,
+    topic: &str,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer = platform::kafka::consumer(
+        kafka,
+        &format!("chaos-reader-{}", uuid::Uuid::new_v4().simple()),
+        "chaos-reader",
+    )
+    .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut ends = std::collections::HashMap::new();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in &partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .unwrap();
+        if high > 0 {
+            ends.insert(*p, high);
+            assignment
+                .add_partition_offset(topic, *p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+    }
+    let mut messages = Vec::new();
+    if ends.is_empty() {
+        return messages;
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        let m = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .expect("the whole log is read within a minute")
+            .unwrap()
+            .detach();
+        if ends
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            ends.remove(&m.partition());
+        }
+        messages.push(m);
+    }
+    messages
+}

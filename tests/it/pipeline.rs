@@ -154,6 +154,12 @@ impl ImageServer {
         };
         let app = Router::new()
             .route("/photo/{name}", get(photo))
+            .route(
+                "/small/{name}",
+                get(|Path(name): Path<String>| async move {
+                    jpeg_response(jpeg(320, 240, seed(&name)))
+                }),
+            )
             .route("/flaky/{name}", get(flaky))
             .route("/slow/{name}", get(slow))
             .route("/fixable", get(fixable))

@@ -94,7 +94,15 @@ impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
         // Constraint violations are mapped where they are expected (see the command log); anything
         // else reaching here is either the server being away or a bug.
-        if e.is_closed() || e.code().is_none() {
+        // The server going away (SQLSTATE class 08 connection, 57 operator intervention: a restart
+        // or shutdown terminates sessions with 57P01), running short of resources (53), or a
+        // transaction it chose to abort (40: serialization failure, deadlock) is transient: 503,
+        // retry. Found by the fault suite: a PATCH during a PostgreSQL restart answered 500.
+        let transient = e.code().is_none_or(|c| {
+            let class = &c.code()[..2];
+            matches!(class, "08" | "57" | "53" | "40")
+        });
+        if e.is_closed() || transient {
             ApiError::Unavailable(format!("postgres: {e}"))
         } else {
             ApiError::Internal(format!("postgres: {e}"))

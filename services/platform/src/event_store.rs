@@ -24,6 +24,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
+use std::collections::HashSet;
+
 use crate::config::Topics;
 use crate::kafka::EventProducer;
 
@@ -304,20 +306,73 @@ pub async fn publish_stream(
     topics: &Topics,
     aggregate_id: Uuid,
 ) -> Result<usize, StoreError> {
+    publish_stream_except(pool, producer, topics, aggregate_id, None).await
+}
+
+/// [`publish_stream`], marking the events found in `in_log` (already in the log) published without
+/// producing them again.
+async fn publish_stream_except(
+    pool: &deadpool_postgres::Pool,
+    producer: &EventProducer,
+    topics: &Topics,
+    aggregate_id: Uuid,
+    in_log: Option<&HashSet<Uuid>>,
+) -> Result<usize, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let rows = tx
         .query(
             &tx.prepare_cached(
-                "SELECT sequence, envelope, source FROM event_store
-              WHERE aggregate_id = $1 AND published_at IS NULL
-              ORDER BY sequence FOR UPDATE",
+                "SELECT sequence, envelope, source, event_id, recorded_at,
+                        recorded_at < now() - interval '2 seconds'
+                   FROM event_store
+                  WHERE aggregate_id = $1 AND published_at IS NULL
+                  ORDER BY sequence FOR UPDATE",
             )
             .await?,
             &[&aggregate_id],
         )
         .await?;
-    let pending = rows
+    // Pending events that are not this caller's fresh ones were left by a writer that gave up or died
+    // after sending them, and may have landed: the log is asked (rarely: a crash or a stall before).
+    let scanned;
+    let in_log = match in_log {
+        Some(ids) => Some(ids),
+        None => match rows
+            .iter()
+            .filter(|row| row.get::<_, bool>(5))
+            .map(|row| row.get::<_, chrono::DateTime<chrono::Utc>>(4))
+            .min()
+        {
+            Some(oldest) => {
+                scanned = producer
+                    .events_in_log(&topics.all(), oldest - chrono::Duration::seconds(10))
+                    .await?;
+                Some(&scanned)
+            }
+            None => None,
+        },
+    };
+    // Events an earlier attempt did get into the log lead the pending ones (a stream is produced in
+    // order): they are only marked.
+    let landed: Vec<i64> = rows
+        .iter()
+        .take_while(|row| in_log.is_some_and(|ids| ids.contains(&row.get::<_, Uuid>(3))))
+        .map(|row| row.get(0))
+        .collect();
+    if !landed.is_empty() {
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE event_store SET published_at = now()
+              WHERE aggregate_id = $1 AND sequence = ANY($2)",
+            )
+            .await?,
+            &[&aggregate_id, &landed],
+        )
+        .await?;
+        tracing::info!(stream = %aggregate_id, events = landed.len(), "relay found events already in the log; not sent again");
+    }
+    let pending = rows[landed.len()..]
         .iter()
         .map(|row| {
             let json: String = row.get(1);
@@ -360,23 +415,34 @@ pub async fn relay_once(
     grace: Duration,
     limit: i64,
 ) -> Result<usize, StoreError> {
-    let streams: Vec<Uuid> = pool
+    let candidates = pool
         .get()
         .await?
         .query(
-            "SELECT aggregate_id FROM event_store
+            "SELECT aggregate_id, min(recorded_at) FROM event_store
               WHERE published_at IS NULL AND recorded_at < now() - make_interval(secs => $1)
               GROUP BY aggregate_id ORDER BY min(recorded_at) LIMIT $2",
             &[&grace.as_secs_f64(), &limit],
         )
-        .await?
+        .await?;
+    let Some(oldest) = candidates
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.get::<_, chrono::DateTime<chrono::Utc>>(1))
+        .min()
+    else {
+        return Ok(0);
+    };
+    let streams: Vec<Uuid> = candidates.iter().map(|r| r.get(0)).collect();
+    // An unacknowledged send may still have landed (its writer died before marking it, or gave up
+    // while a stalled broker held it): what is in the log since the oldest candidate is not sent
+    // again. A broker that cannot be read now cannot be written either: the sweep waits.
+    let in_log = producer
+        .events_in_log(&topics.all(), oldest - chrono::Duration::seconds(10))
+        .await?;
     let mut published = 0;
     let mut first_error = None;
     for id in streams {
-        match publish_stream(pool, producer, topics, id).await {
+        match publish_stream_except(pool, producer, topics, id, Some(&in_log)).await {
             Ok(n) => {
                 if n > 0 {
                     tracing::info!(stream = %id, events = n, "relay published a stream's pending events");

@@ -170,6 +170,8 @@ struct ProducerSlot {
     /// Generation + 1 of an instance that had a send refused for good without librdkafka declaring a
     /// fatal error (0: none).
     failed: std::sync::atomic::AtomicU64,
+    /// Reads the log for [`EventProducer::events_in_log`]; made when first needed, one scan at a time.
+    log: tokio::sync::Mutex<Option<LogCheck>>,
 }
 
 /// Whether a send error means this producer instance can never send again. librdkafka raises a
@@ -203,8 +205,38 @@ impl EventProducer {
                     std::sync::Arc::new(PolledProducer::new(&producer_config(cfg, client_id))?),
                 )),
                 failed: std::sync::atomic::AtomicU64::new(0),
+                log: tokio::sync::Mutex::new(None),
             }),
         })
+    }
+
+    /// The ids of the events in `topics` appended at or after `since`, read to each partition's end
+    /// as it is now. For publishers about to send again what an earlier attempt may have delivered
+    /// (its writer died before marking it, or gave up while a stalled broker still held it): what is
+    /// there is not sent twice.
+    pub async fn events_in_log(
+        &self,
+        topics: &[&str],
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<std::collections::HashSet<uuid::Uuid>, KafkaError> {
+        let mut log = self.inner.log.lock().await;
+        if log.is_none() {
+            *log = Some(LogCheck::new(&self.inner.cfg, &self.inner.client_id)?);
+        }
+        let started = std::time::Instant::now();
+        let found = log
+            .as_ref()
+            .expect("just made")
+            .event_ids_since(topics, since)
+            .await;
+        tracing::info!(
+            since = %since,
+            events = found.as_ref().map_or(0, std::collections::HashSet::len),
+            ok = found.is_ok(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "read the log for events sent but not marked"
+        );
+        found
     }
 
     /// The instance to send through now, replacing it first if it has failed fatally.
@@ -641,6 +673,94 @@ pub fn headers(wire: &events::WireEnvelope, source: &str) -> OwnedHeaders {
                 value: Some(value.as_bytes()),
             })
         })
+}
+
+/// Reads which events are in the log, for publishers that must not send an event twice: a consumer
+/// of its own that never joins a group (partitions are assigned by hand, nothing is committed).
+struct LogCheck {
+    consumer: rdkafka::consumer::StreamConsumer<WatchedContext>,
+}
+
+impl LogCheck {
+    /// A checker on the brokers of `cfg`.
+    fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, rdkafka::error::KafkaError> {
+        let group = format!("{client_id}-log-check-{}", uuid::Uuid::new_v4().simple());
+        Ok(Self {
+            consumer: consumer(cfg, &group, client_id)?,
+        })
+    }
+
+    /// The ids of the events in `topics` appended at or after `since` (by record timestamp), read up
+    /// to each partition's end as it is now.
+    async fn event_ids_since(
+        &self,
+        topics: &[&str],
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<std::collections::HashSet<uuid::Uuid>, rdkafka::error::KafkaError> {
+        use rdkafka::Message as _;
+        use rdkafka::consumer::Consumer as _;
+        #[derive(serde::Deserialize)]
+        struct Id {
+            event_id: uuid::Uuid,
+        }
+        let timeout = Duration::from_secs(10);
+        let mut wanted = rdkafka::TopicPartitionList::new();
+        for topic in topics {
+            let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                wanted.add_partition_offset(
+                    topic,
+                    partition.id(),
+                    rdkafka::Offset::Offset(since.timestamp_millis()),
+                )?;
+            }
+        }
+        let starts = self.consumer.offsets_for_times(wanted, timeout)?;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        let mut ends = std::collections::HashMap::new();
+        for e in starts.elements() {
+            let rdkafka::Offset::Offset(start) = e.offset() else {
+                continue; // nothing at or after `since`
+            };
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            if start < high {
+                assignment.add_partition_offset(e.topic(), e.partition(), e.offset())?;
+                ends.insert((e.topic().to_owned(), e.partition()), high);
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        if ends.is_empty() {
+            return Ok(ids);
+        }
+        self.consumer.assign(&assignment)?;
+        let deadline = tokio::time::Instant::now() + timeout * 3;
+        while !ends.is_empty() {
+            let message = tokio::time::timeout_at(deadline, self.consumer.recv())
+                .await
+                .map_err(|_| {
+                    rdkafka::error::KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                    )
+                })??;
+            if let Some(id) = message
+                .payload()
+                .and_then(|p| serde_json::from_slice::<Id>(p).ok())
+            {
+                ids.insert(id.event_id);
+            }
+            let key = (message.topic().to_owned(), message.partition());
+            if ends
+                .get(&key)
+                .is_some_and(|end| message.offset() + 1 >= *end)
+            {
+                ends.remove(&key);
+            }
+        }
+        self.consumer.unassign()?;
+        Ok(ids)
+    }
 }
 
 #[cfg(test)]
