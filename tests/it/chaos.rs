@@ -2,7 +2,7 @@
 //! broker and S3 instances, under a mixed load of creates, edits, deletes and image jobs, while one
 //! fault at a time is injected at a random moment: SIGKILL of the API, the projector and the image
 //! worker, a PostgreSQL restart, Redis stopped and then hung, S3 stopped during uploads, the broker
-//! unreachable. Afterwards every write acknowledged with a 2xx must be in the log and in the read
+//! unreachable; then a third image worker joins and a worker and a projector leave (SIGTERM). Afterwards every write acknowledged with a 2xx must be in the log and in the read
 //! model, no event id or (product, sequence) may appear twice in the log, every image must have an
 //! outcome, and the projection must equal a fresh replay of the log. A summary table is printed.
 //!
@@ -227,6 +227,22 @@ impl Service {
                 self.log.display()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the process to finish what it holds and exit.
+    fn sigterm(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not stop on SIGTERM",
+                    self.log.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -640,6 +656,29 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     load.broker_away
         .store(false, std::sync::atomic::Ordering::Relaxed);
     pause(2_000, 3_000).await;
+    // Scale-out and scale-in under load: a third image worker joins, then one worker and one
+    // projector leave gracefully (SIGTERM: finish the job in hand, leave the group).
+    let mut worker_third = Service::new("worker-3", "catalog-image-worker", env.clone(), &dir);
+    worker_third.start();
+    faults.push(format!(
+        "{} at {}",
+        "a third image worker joined",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    ));
+    pause(4_000, 6_000).await;
+    worker.sigterm();
+    faults.push(format!(
+        "{} at {}",
+        "image worker SIGTERM (scale-in)",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    ));
+    projector.sigterm();
+    faults.push(format!(
+        "{} at {}",
+        "projector SIGTERM (scale-in)",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    ));
+    pause(3_000, 5_000).await;
     let _ = stop_load.send(true);
     let _ = creator.await;
     let _ = editor.await;
@@ -853,5 +892,12 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     if std::env::var("CHAOS_KEEP").is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    drop((api, projector, worker, projector_leader, worker_leader));
+    drop((
+        api,
+        projector,
+        worker,
+        worker_third,
+        projector_leader,
+        worker_leader,
+    ));
 }

@@ -301,7 +301,7 @@ impl TestEnv {
             version,
             &[NewEvent::new(event.to_wire())],
             &state,
-            "test",
+            "/catalog/tests",
         )
         .await
         .unwrap();

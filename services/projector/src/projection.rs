@@ -148,17 +148,28 @@ impl<S: Fold> Stream<S> {
     fn drain_parked(&mut self, report: &mut BatchReport) {
         loop {
             let next = self.version() + 1;
-            let Some(json) = self.parked.remove(&next) else {
+            let Some(json) = self.parked.get(&next) else {
                 return;
             };
-            self.parked_added.remove(&next);
-            self.parked_removed.insert(next);
-            let Ok(envelope) = serde_json::from_value::<events::WireEnvelope>(json)
+            // It was read once to be parked; if it cannot be read now (a build that no longer
+            // knows its schema), it stays parked, and so does its stream, instead of vanishing.
+            let envelope = match serde_json::from_value::<events::WireEnvelope>(json.clone())
                 .map_err(events::DecodeError::from)
                 .and_then(Envelope::<S::Event>::from_wire)
-            else {
-                continue;
+            {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    tracing::error!(
+                        event.sequence = next,
+                        %error,
+                        "a parked event cannot be read; it stays parked and its stream waits"
+                    );
+                    return;
+                }
             };
+            self.parked.remove(&next);
+            self.parked_added.remove(&next);
+            self.parked_removed.insert(next);
             if matches!(self.offer(&envelope), Step::Applied) {
                 report.applied += 1;
                 report.parked = report.parked.saturating_sub(1);
@@ -623,4 +634,27 @@ async fn reject(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_event_that_cannot_be_read_stays_parked() {
+        let mut stream: Stream<events::ProductState> = Stream::default();
+        stream
+            .parked
+            .insert(1, serde_json::json!({"not": "an envelope"}));
+        stream.parked_added.insert(1);
+        let mut report = BatchReport::default();
+        stream.drain_parked(&mut report);
+        assert!(stream.parked.contains_key(&1), "kept, not dropped");
+        assert!(stream.parked_added.contains(&1), "still written as parked");
+        assert!(
+            stream.parked_removed.is_empty(),
+            "not deleted from the table"
+        );
+        assert_eq!(report.applied, 0);
+    }
 }
