@@ -260,6 +260,14 @@ impl Drop for Service {
     }
 }
 
+/// Records a fault with the time it was injected.
+fn note(faults: &mut Vec<String>, what: &str) {
+    faults.push(format!(
+        "{what} at {}",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    ));
+}
+
 /// What the load saw acknowledged.
 #[derive(Default)]
 struct Acked {
@@ -278,7 +286,8 @@ struct Acked {
 
 struct Load {
     http: reqwest::Client,
-    base: String,
+    /// The APIs; writes alternate between them.
+    bases: Vec<String>,
     images: String,
     user: String,
     acked: Mutex<Acked>,
@@ -314,7 +323,10 @@ impl Load {
         });
         let Ok(r) = self
             .http
-            .post(format!("{}/products", self.base))
+            .post(format!(
+                "{}/products",
+                self.bases[n as usize % self.bases.len()]
+            ))
             .json(&body)
             .send()
             .await
@@ -352,7 +364,10 @@ impl Load {
             (live[pick].0.clone(), *live[pick].1)
         };
         self.acked.lock().unwrap().attempted += 1;
-        let url = format!("{}/products/{target}", self.base);
+        let url = format!(
+            "{}/products/{target}",
+            self.bases[n as usize % self.bases.len()]
+        );
         if n % 15 == 14 {
             let Ok(r) = self
                 .http
@@ -429,6 +444,8 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     let images = ImageServer::start(0).await;
     let api_port = free_port();
     let base = format!("http://127.0.0.1:{api_port}");
+    let api2_port = free_port();
+    let base2 = format!("http://127.0.0.1:{api2_port}");
 
     let env: Vec<(String, String)> = [
         ("KAFKA_BROKERS", broker.addr()),
@@ -481,19 +498,37 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     // group; the second is the one killed: Tansu 0.6 (the development broker) keeps a dead group
     // leader for good (README, "Infrastructure"), which no client can undo; on Apache Kafka the
     // leader's death is one more rebalance.
-    let mut api = Service::new("api", "catalog-api", env.clone(), &dir);
+    let mut api = Service::new("api-1", "catalog-api", env.clone(), &dir);
+    let mut api2 = Service::new(
+        "api-2",
+        "catalog-api",
+        env.iter()
+            .map(|(k, v)| match k.as_str() {
+                "API_ADDR" => (k.clone(), format!("127.0.0.1:{api2_port}")),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect(),
+        &dir,
+    );
+    // The example downstream consumer (per-user product counts), two instances too.
+    let mut stats_leader = Service::new("user-stats-1", "catalog-user-stats", env.clone(), &dir);
+    let mut stats = Service::new("user-stats-2", "catalog-user-stats", env.clone(), &dir);
     let projector_leader = Service::new("projector-1", "catalog-projector", env.clone(), &dir);
     let mut projector = Service::new("projector-2", "catalog-projector", env.clone(), &dir);
     let worker_leader = Service::new("worker-1", "catalog-image-worker", env.clone(), &dir);
     let mut worker = Service::new("worker-2", "catalog-image-worker", env.clone(), &dir);
     api.start();
+    api2.start();
     let (mut projector_leader, mut worker_leader) = (projector_leader, worker_leader);
     projector_leader.start();
     worker_leader.start();
+    stats_leader.start();
     projector_leader.wait_for_partitions().await;
     worker_leader.wait_for_partitions().await;
+    stats_leader.wait_for_partitions().await;
     projector.start();
     worker.start();
+    stats.start();
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
@@ -508,20 +543,22 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         .build()
         .unwrap();
     let started = Instant::now();
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the API did not get ready; see {}",
-            api.log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for base in [&base, &base2] {
+        while http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the API did not get ready; see {}",
+                api.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     let user: Value = http
         .post(format!("{base}/users"))
@@ -534,7 +571,7 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         .unwrap();
     let load = Arc::new(Load {
         http: http.clone(),
-        base: base.clone(),
+        bases: vec![base.clone(), base2.clone()],
         images: images.url(""),
         user: user["id"].as_str().unwrap().to_owned(),
         acked: Mutex::default(),
@@ -580,76 +617,47 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     };
     pause(1_000, 3_000).await;
     api.sigkill();
-    faults.push(format!(
-        "{} at {}",
-        "API SIGKILL",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "API SIGKILL (one of two)");
     pause(200, 1_000).await;
     api.start();
     pause(2_000, 4_000).await;
     projector.sigkill();
-    faults.push(format!(
-        "{} at {}",
-        "projector SIGKILL (one of two)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "projector SIGKILL (one of two)");
+    stats.sigkill();
+    note(&mut faults, "user-stats SIGKILL (one of two)");
     pause(200, 1_500).await;
     projector.start();
+    stats.start();
     pause(2_000, 4_000).await;
     worker.sigkill();
-    faults.push(format!(
-        "{} at {}",
-        "image worker SIGKILL (one of two)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "image worker SIGKILL (one of two)");
     pause(200, 1_500).await;
     worker.start();
     pause(2_000, 4_000).await;
     pg.ctl("restart");
-    faults.push(format!(
-        "{} at {}",
-        "PostgreSQL restart",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "PostgreSQL restart");
     pause(2_000, 4_000).await;
     redis.stop();
-    faults.push(format!(
-        "{} at {}",
-        "Redis stopped",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "Redis stopped");
     pause(2_000, 3_000).await;
     let redis_port = redis.port;
     drop(redis);
     let redis = PrivateRedis::start(redis_port);
     pause(1_000, 2_000).await;
     signal(redis.pid(), "STOP");
-    faults.push(format!(
-        "{} at {}",
-        "Redis hung (SIGSTOP)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "Redis hung (SIGSTOP)");
     pause(2_000, 3_000).await;
     signal(redis.pid(), "CONT");
     pause(2_000, 4_000).await;
     s3.pause();
-    faults.push(format!(
-        "{} at {}",
-        "S3 stopped during uploads (SIGSTOP)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "S3 stopped during uploads (SIGSTOP)");
     pause(2_000, 4_000).await;
     s3.resume();
     pause(2_000, 4_000).await;
     load.broker_away
         .store(true, std::sync::atomic::Ordering::Relaxed);
     broker.pause();
-    faults.push(format!(
-        "{} at {}",
-        "broker unreachable (SIGSTOP)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "broker unreachable (SIGSTOP)");
     // Longer than a write waits for the broker (10 s): writes are answered 503 and relayed later.
     pause(12_000, 14_000).await;
     broker.resume();
@@ -660,24 +668,12 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     // projector leave gracefully (SIGTERM: finish the job in hand, leave the group).
     let mut worker_third = Service::new("worker-3", "catalog-image-worker", env.clone(), &dir);
     worker_third.start();
-    faults.push(format!(
-        "{} at {}",
-        "a third image worker joined",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "a third image worker joined");
     pause(4_000, 6_000).await;
     worker.sigterm();
-    faults.push(format!(
-        "{} at {}",
-        "image worker SIGTERM (scale-in)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "image worker SIGTERM (scale-in)");
     projector.sigterm();
-    faults.push(format!(
-        "{} at {}",
-        "projector SIGTERM (scale-in)",
-        chrono::Utc::now().format("%H:%M:%S%.3f")
-    ));
+    note(&mut faults, "projector SIGTERM (scale-in)");
     pause(3_000, 5_000).await;
     let _ = stop_load.send(true);
     let _ = creator.await;
@@ -831,6 +827,35 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         .map(|r| r.get(0))
         .unwrap_or(-1);
 
+    // The example downstream consumer counted every live product of the user exactly once.
+    let user_id: uuid::Uuid = load.user.parse().unwrap();
+    let counted = {
+        let started = Instant::now();
+        loop {
+            let client = pool.get().await.unwrap();
+            let live: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM products WHERE user_id = $1 AND deleted_at IS NULL",
+                    &[&user_id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let counted: Option<i64> = client
+                .query_opt(
+                    "SELECT products FROM user_product_counts WHERE user_id = $1",
+                    &[&user_id],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0));
+            if counted == Some(live) || started.elapsed() > Duration::from_secs(60) {
+                break (counted, live);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+
     let acked = load.acked.lock().unwrap();
     println!();
     println!("| chaos run (seed {seed}) | |");
@@ -856,6 +881,11 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     println!("| (product, sequence) with two event ids | {conflicting_positions} |");
     println!("| products with a gap in their sequence | {gaps} |");
     println!("| images failed (with a reason) | {failed_images} |");
+    println!(
+        "| user-stats count vs live products | {} vs {} |",
+        counted.0.map_or("none".to_owned(), |c| c.to_string()),
+        counted.1
+    );
     println!("| settled after the load stopped in | {settle_secs:.1} s |");
     println!(
         "| projection vs a fresh replay | {} |",
@@ -888,10 +918,16 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     assert_eq!(conflicting_positions, 0);
     assert_eq!(gaps, 0);
     assert!(differences.is_empty(), "{differences:?}");
+    assert_eq!(
+        counted.0,
+        Some(counted.1),
+        "the downstream consumer's count"
+    );
     drop(acked);
     if std::env::var("CHAOS_KEEP").is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    drop((stats, stats_leader, api2));
     drop((
         api,
         projector,

@@ -229,6 +229,10 @@ impl EventProducer {
             .expect("just made")
             .event_ids_since(topics, since)
             .await;
+        if found.is_err() {
+            // A reader that failed (broker away) is not reused: the next scan starts fresh.
+            *log = None;
+        }
         tracing::info!(
             since = %since,
             events = found.as_ref().map_or(0, std::collections::HashSet::len),
@@ -685,8 +689,12 @@ impl LogCheck {
     /// A checker on the brokers of `cfg`.
     fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, rdkafka::error::KafkaError> {
         let group = format!("{client_id}-log-check-{}", uuid::Uuid::new_v4().simple());
+        let mut config = consumer_config(cfg, &group, client_id);
+        // Asked right after a broker comes back: reconnect promptly instead of librdkafka's growing
+        // backoff (up to 10 s).
+        config.set("reconnect.backoff.max.ms", "500");
         Ok(Self {
-            consumer: consumer(cfg, &group, client_id)?,
+            consumer: config.create_with_context(WatchedContext::default())?,
         })
     }
 
@@ -703,7 +711,7 @@ impl LogCheck {
         struct Id {
             event_id: uuid::Uuid,
         }
-        let timeout = Duration::from_secs(10);
+        let timeout = Duration::from_secs(5);
         let mut wanted = rdkafka::TopicPartitionList::new();
         for topic in topics {
             let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
