@@ -347,7 +347,9 @@ impl TestEnv {
     ) {
         let producer = platform::kafka::producer(&self.kafka(), "test").unwrap();
         let topic = self.kafka().topics().products;
-        for chunk in payloads.chunks(400) {
+        // A few hundred sends in flight at once can take longer than the 10 s message timeout on the
+        // test broker while the rest of the suite runs (seen in CI): a hundred at a time.
+        for chunk in payloads.chunks(100) {
             let sends = chunk.iter().map(|(key, payload)| {
                 producer.send(
                     rdkafka::producer::FutureRecord::to(&topic)
