@@ -489,6 +489,65 @@ async fn failures_are_classified_retried_and_parked_with_their_reason() {
             assert_eq!(attempts, 1, "permanent failures are parked at once");
         }
     }
+    // The index `catalogctl dlq list|redrive` reads holds exactly what the topic holds for it, and
+    // answers a filter by error class without reading the topic.
+    let pool = platform::db::pool(&env.db()).unwrap();
+    let filter = image_worker::dlq::Filter {
+        product: Some(id.parse().unwrap()),
+        error_class: None,
+    };
+    let indexed = image_worker::dlq::list(&pool, &filter).await.unwrap();
+    let positions = |records: &[&image_worker::dlq::DeadLetterRecord]| {
+        let mut p: Vec<(i32, i64)> = records.iter().map(|r| (r.partition, r.offset)).collect();
+        p.sort_unstable();
+        p
+    };
+    assert_eq!(
+        positions(&indexed.iter().collect::<Vec<_>>()),
+        positions(&mine)
+    );
+    for record in &indexed {
+        let topic = mine
+            .iter()
+            .find(|m| (m.partition, m.offset) == (record.partition, record.offset))
+            .unwrap();
+        assert_eq!(record.letter, topic.letter);
+        let mut a = record.headers.clone();
+        let mut b = topic.headers.clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+    }
+    let timeouts = image_worker::dlq::list(
+        &pool,
+        &image_worker::dlq::Filter {
+            product: Some(id.parse().unwrap()),
+            error_class: Some("timeout".into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(timeouts.len(), 1);
+    // Letters parked before the index existed are added from the topic by `dlq reindex`.
+    env.pg()
+        .await
+        .execute("DELETE FROM pipeline_dead_letters", &[])
+        .await
+        .unwrap();
+    assert!(
+        image_worker::dlq::list(&pool, &filter)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    image_worker::dlq::reindex(&env.kafka(), 2, Duration::from_secs(3), &pool)
+        .await
+        .unwrap();
+    let reindexed = image_worker::dlq::list(&pool, &filter).await.unwrap();
+    assert_eq!(
+        positions(&reindexed.iter().collect::<Vec<_>>()),
+        positions(&mine)
+    );
 
     worker.stop().await;
     projector.stop().await;

@@ -130,6 +130,9 @@ enum DlqAction {
         #[arg(long)]
         all: bool,
     },
+    /// Add every entry of the dead-letter topic to the index `list` and `redrive` read (once, for
+    /// entries parked before the index existed).
+    Reindex,
 }
 
 #[tokio::main]
@@ -253,16 +256,21 @@ async fn main() -> anyhow::Result<()> {
                 product,
                 error_class,
             };
-            let records: Vec<_> = dlq::read_all(
-                &kafka,
-                retry_delays_ms.len(),
-                std::time::Duration::from_millis(idle_ms),
-            )
-            .await?
-            .into_iter()
-            .filter(|r| filter.matches(r))
-            .collect();
+            let pool = platform::db::pool(&db)?;
+            if matches!(action, DlqAction::Reindex) {
+                let n = dlq::reindex(
+                    &kafka,
+                    retry_delays_ms.len(),
+                    std::time::Duration::from_millis(idle_ms),
+                    &pool,
+                )
+                .await?;
+                println!("indexed {n} dead letter(s) of the topic");
+                return Ok(());
+            }
+            let records = dlq::list(&pool, &filter).await?;
             match action {
+                DlqAction::Reindex => unreachable!("handled above"),
                 DlqAction::List => {
                     println!(
                         "{:<36}  {:>3}  {:<18}  {:>8}  {:<20}  url / reason",
@@ -294,7 +302,6 @@ async fn main() -> anyhow::Result<()> {
                             "say what to re-drive: --all, --product ID or --error-class CLASS"
                         );
                     }
-                    let pool = platform::db::pool(&db)?;
                     let report = dlq::redrive(&kafka, &pool, &records).await?;
                     println!(
                         "re-driven: {} image(s) of {} product(s); skipped {} (no longer failed)",

@@ -72,6 +72,88 @@ pub enum DlqError {
     Store(#[from] platform::event_store::StoreError),
 }
 
+/// Records a dead letter (acknowledged at `partition`/`offset` of the dead-letter topic) in the index
+/// that `list` reads. Idempotent by position.
+pub async fn index(
+    client: &impl deadpool_postgres::GenericClient,
+    record: &DeadLetterRecord,
+) -> Result<(), DlqError> {
+    let headers: serde_json::Map<String, serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+        .collect();
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "INSERT INTO pipeline_dead_letters
+                        (partition, \"offset\", product_id, error_class, letter, headers)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            &[
+                &record.partition,
+                &record.offset,
+                &record.letter.product_id,
+                &record.letter.failure.class,
+                &tokio_postgres::types::Json(&record.letter),
+                &tokio_postgres::types::Json(&headers),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The indexed dead letters that `filter` selects, oldest first: an indexed query, however long the
+/// dead-letter topic has grown.
+pub async fn list(
+    pool: &deadpool_postgres::Pool,
+    filter: &Filter,
+) -> Result<Vec<DeadLetterRecord>, DlqError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT partition, \"offset\", letter, headers FROM pipeline_dead_letters
+              WHERE ($1::uuid IS NULL OR product_id = $1)
+                AND ($2::text IS NULL OR error_class = $2)
+              ORDER BY dead_at, partition, \"offset\"",
+            &[&filter.product, &filter.error_class],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let tokio_postgres::types::Json(letter): tokio_postgres::types::Json<DeadLetter> =
+                row.get(2);
+            let tokio_postgres::types::Json(headers): tokio_postgres::types::Json<
+                BTreeMap<String, String>,
+            > = row.get(3);
+            Ok(DeadLetterRecord {
+                letter,
+                partition: row.get(0),
+                offset: row.get(1),
+                headers: headers.into_iter().collect(),
+            })
+        })
+        .collect()
+}
+
+/// Adds every entry of the dead-letter topic to the index (for entries parked before it existed).
+/// Returns how many entries the topic holds.
+pub async fn reindex(
+    kafka: &KafkaConfig,
+    retry_count: usize,
+    idle: Duration,
+    pool: &deadpool_postgres::Pool,
+) -> Result<usize, DlqError> {
+    let records = read_all(kafka, retry_count, idle).await?;
+    let client = pool.get().await?;
+    for record in &records {
+        index(&client, record).await?;
+    }
+    Ok(records.len())
+}
+
 /// Reads every entry of the dead-letter topic (stops once nothing arrives for `idle`).
 pub async fn read_all(
     kafka: &KafkaConfig,

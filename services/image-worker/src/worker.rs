@@ -95,6 +95,9 @@ pub enum JobError {
     /// Appending the result to the event store (or publishing it) failed.
     #[error("event store: {0}")]
     Store(#[from] platform::event_store::StoreError),
+    /// Recording a dead letter in the index failed.
+    #[error("dead-letter index: {0}")]
+    Index(String),
 }
 
 /// Processes one image: fetch, then (unless every variant is already stored) decode and encode, then
@@ -331,6 +334,8 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
             dead.push((image, gave_up));
         }
     }
+    // The dead letters, by their index in `sends`, to be indexed once acknowledged.
+    let mut letters = Vec::new();
     for (image, failure) in &dead {
         let letter = DeadLetter {
             product_id: job.product_id,
@@ -341,11 +346,16 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
             first_failure_at: job.first_failure_at.unwrap_or(now),
         };
         let headers = failure_headers(origin, &job, &failure.class, &failure.message);
+        let pairs = failure_header_pairs(origin, &job, &failure.class, &failure.message)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect::<Vec<_>>();
         sends.push((
             ctx.topics.dead_letters.clone(),
             serde_json::to_vec(&letter).expect("dead letter serialises"),
             headers,
         ));
+        letters.push((sends.len() - 1, letter, pairs));
     }
     let key = job.product_id.to_string();
     let acks = join_all(sends.iter().map(|(topic, payload, headers)| {
@@ -358,8 +368,30 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
         )
     }))
     .await;
+    let mut positions = Vec::with_capacity(acks.len());
     for ack in acks {
-        ack?;
+        positions.push(ack?);
+    }
+    // Dead letters go into the index `catalogctl dlq` reads, before the input is committed: a crash
+    // in between runs the job again (a second letter, indexed too), never leaves one unlisted.
+    if !letters.is_empty() {
+        let client = ctx
+            .pool
+            .get()
+            .await
+            .map_err(|e| JobError::Store(e.into()))?;
+        for (at, letter, headers) in letters {
+            let (partition, offset) = positions[at];
+            let record = crate::dlq::DeadLetterRecord {
+                letter,
+                partition,
+                offset,
+                headers,
+            };
+            crate::dlq::index(&client, &record)
+                .await
+                .map_err(|e| JobError::Index(e.to_string()))?;
+        }
     }
     let processed = Instant::now();
     if job.pending().is_empty() {
@@ -373,9 +405,15 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
     Ok(())
 }
 
-fn failure_headers(origin: &Origin, job: &Job, class: &str, message: &str) -> OwnedHeaders {
+/// The failure headers of a retry or dead-letter message, as (name, value).
+fn failure_header_pairs(
+    origin: &Origin,
+    job: &Job,
+    class: &str,
+    message: &str,
+) -> [(&'static str, String); 7] {
     let first = job.first_failure_at.unwrap_or_else(Utc::now).to_rfc3339();
-    let values = [
+    [
         (headers::ORIGINAL_TOPIC, origin.topic.clone()),
         (headers::ORIGINAL_PARTITION, origin.partition.to_string()),
         (headers::ORIGINAL_OFFSET, origin.offset.to_string()),
@@ -383,7 +421,11 @@ fn failure_headers(origin: &Origin, job: &Job, class: &str, message: &str) -> Ow
         (headers::FIRST_FAILURE_AT, first),
         (headers::ERROR_CLASS, class.to_owned()),
         (headers::ERROR_MESSAGE, message.to_owned()),
-    ];
+    ]
+}
+
+fn failure_headers(origin: &Origin, job: &Job, class: &str, message: &str) -> OwnedHeaders {
+    let values = failure_header_pairs(origin, job, class, message);
     values.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
         h.insert(Header {
             key,

@@ -50,6 +50,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0007_pipeline_rejected.sql",
         sql: include_str!("../../../sql/0007_pipeline_rejected.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_pipeline_dead_letters.sql",
+        sql: include_str!("../../../sql/0008_pipeline_dead_letters.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.
