@@ -3,7 +3,7 @@
 #
 #   scripts/broker.sh ensure              install tansu if no copy can be found (idempotent)
 #   scripts/broker.sh start NAME PORT     start a broker named NAME on 127.0.0.1:PORT unless one listens
-#   scripts/broker.sh restart NAME PORT   stop NAME if running, start it fresh (empty, in memory)
+#   scripts/broker.sh restart NAME PORT   stop NAME (and any tansu on PORT) if running, start it fresh (empty)
 #   scripts/broker.sh stop NAME           stop NAME
 #
 # State (pid, log) lives in .run/NAME/ under the repository. Storage is in memory: a restart is empty.
@@ -64,10 +64,21 @@ stop() {
     rm -f "$pidfile"
 }
 
+# A tansu on PORT that this checkout did not start (another checkout's `just test`, say): a restart
+# promises an empty broker, so it is stopped too.
+stop_port() {
+    local port=$1 pid
+    pid="$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o '"tansu",pid=[0-9]*' | grep -o '[0-9]*$' | head -1 || true)"
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
 case "${1:-}" in
     ensure) ensure; find_tansu ;;
     start) start "$2" "$3" ;;
-    restart) stop "$2"; start "$2" "$3" ;;
+    restart) stop "$2"; stop_port "$3"; start "$2" "$3" ;;
     stop) stop "$2" ;;
     *) echo "usage: $0 ensure | start NAME PORT | restart NAME PORT | stop NAME" >&2; exit 2 ;;
 esac
