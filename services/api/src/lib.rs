@@ -164,10 +164,11 @@ impl ClientSlots {
         }
     }
 
+    /// A slot for `client`, or `None` when it holds `limit` already (a limit of 0: no limit).
     fn take(&self, client: std::net::IpAddr) -> Option<ClientSlot> {
         let mut in_flight = self.in_flight.lock().expect("never poisoned");
         let n = in_flight.entry(client).or_default();
-        if *n >= self.limit {
+        if self.limit > 0 && *n >= self.limit {
             return None;
         }
         *n += 1;
@@ -381,16 +382,9 @@ async fn serve(
             },
         };
         while open.try_join_next().is_some() {}
-        let slot = if connections.limit == 0 {
-            None
-        } else {
-            match connections.take(addr.ip()) {
-                Some(slot) => Some(slot),
-                None => {
-                    tracing::warn!(client = %addr.ip(), "too many connections from this address; closed");
-                    continue;
-                }
-            }
+        let Some(slot) = connections.take(addr.ip()) else {
+            tracing::warn!(client = %addr.ip(), "too many connections from this address; closed");
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone().map_request(

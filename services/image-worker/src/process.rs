@@ -161,8 +161,12 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, Failure> {
     }
 }
 
-fn decoder(bytes: &[u8], limits: DecodeLimits) -> Result<impl ImageDecoder + '_, Failure> {
-    let format = sniff(bytes)?;
+/// A decoder of `bytes` (already sniffed as `format`) with `limits` applied to its header.
+fn decoder(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: DecodeLimits,
+) -> Result<impl ImageDecoder + '_, Failure> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_side);
@@ -247,6 +251,8 @@ fn gif_frames(bytes: &[u8]) -> Result<Vec<(u32, u32)>, Failure> {
 /// the worker can wait for memory before allocating any of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
+    /// The format, sniffed from the bytes.
+    pub format: ImageFormat,
     /// Stored width in pixels (before EXIF orientation).
     pub width: u32,
     /// Stored height in pixels.
@@ -272,8 +278,8 @@ impl Plan {
 /// Checks `bytes` (complete, decodable header, every frame within `limits`) and estimates the memory
 /// rendering `specs` from it needs. Nothing is decoded.
 pub fn plan(bytes: &[u8], limits: DecodeLimits, specs: &[VariantSpec]) -> Result<Plan, Failure> {
-    check_complete(bytes)?;
     let format = sniff(bytes)?;
+    complete_as(bytes, format)?;
     let mut extra_frame = 0u64;
     if format == ImageFormat::Gif {
         let frames = gif_frames(bytes)?;
@@ -288,7 +294,7 @@ pub fn plan(bytes: &[u8], limits: DecodeLimits, specs: &[VariantSpec]) -> Result
         let (w, h) = frames[0];
         extra_frame = u64::from(w) * u64::from(h) * 4;
     }
-    let mut decoder = decoder(bytes, limits)?;
+    let mut decoder = decoder(bytes, format, limits)?;
     let (width, height) = decoder.dimensions();
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let pixels = u64::from(width) * u64::from(height);
@@ -328,6 +334,7 @@ pub fn plan(bytes: &[u8], limits: DecodeLimits, specs: &[VariantSpec]) -> Result
         .sum();
     const SLACK: u64 = 8 << 20;
     Ok(Plan {
+        format,
         width,
         height,
         orientation,
@@ -441,13 +448,18 @@ fn decode_jpeg_scaled(bytes: &[u8], min_side: u32) -> Result<Option<DynamicImage
 /// byte after the image data, a WebP as many bytes as its RIFF header announces. Bytes after the end
 /// (some tools append data) are allowed.
 pub fn check_complete(bytes: &[u8]) -> Result<(), Failure> {
+    complete_as(bytes, sniff(bytes)?)
+}
+
+/// [`check_complete`] for bytes already sniffed as `format`.
+fn complete_as(bytes: &[u8], format: ImageFormat) -> Result<(), Failure> {
     let cut = |what: &str| {
         Err(Failure::permanent(
             "corrupt",
             format!("the image is truncated (no {what})"),
         ))
     };
-    match sniff(bytes)? {
+    match format {
         ImageFormat::Jpeg => {
             // Walk the marker segments to the first scan (skipping embedded thumbnails, whose own
             // markers sit inside APP segments), then look for EOI in the entropy-coded data, where
@@ -527,14 +539,15 @@ pub fn render_planned(
     // The header (limits, orientation) always goes through `image`; a JPEG's pixels are then decoded
     // shrunk on load to what the largest variant needs.
     let largest = specs.iter().map(|s| s.max_side).max().unwrap_or(u32::MAX);
-    let scaled = if sniff(bytes)? == ImageFormat::Jpeg {
+    let scaled = if plan.format == ImageFormat::Jpeg {
         decode_jpeg_scaled(bytes, largest)?
     } else {
         None
     };
     let image = match scaled {
         Some(image) => image,
-        None => DynamicImage::from_decoder(decoder(bytes, limits)?).map_err(decode_failure)?,
+        None => DynamicImage::from_decoder(decoder(bytes, plan.format, limits)?)
+            .map_err(decode_failure)?,
     };
     let rgb = image.into_rgb8();
     let (width, height) = rgb.dimensions();

@@ -280,16 +280,7 @@ pub async fn publish_new_stream(
         .collect::<Result<Vec<_>, StoreError>>()?;
     let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
     if !published.is_empty() {
-        let client = pool.get().await?;
-        let statement = client
-            .prepare_cached(
-                "UPDATE event_store SET published_at = now()
-                  WHERE aggregate_id = $1 AND sequence = ANY($2) AND published_at IS NULL",
-            )
-            .await?;
-        client
-            .execute(&statement, &[&aggregate_id, &published])
-            .await?;
+        mark_published(&pool.get().await?, aggregate_id, &published).await?;
     }
     match failure {
         Some(error) => Err(error.into()),
@@ -361,16 +352,7 @@ async fn publish_stream_except(
         .map(|row| row.get(0))
         .collect();
     if !landed.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE event_store SET published_at = now()
-              WHERE aggregate_id = $1 AND sequence = ANY($2)",
-            )
-            .await?,
-            &[&aggregate_id, &landed],
-        )
-        .await?;
-        tracing::info!(stream = %aggregate_id, events = landed.len(), "relay found events already in the log; not sent again");
+        tracing::info!(stream = %aggregate_id, events = landed.len(), "events found already in the log; marked, not sent again");
     }
     let pending = rows[landed.len()..]
         .iter()
@@ -387,22 +369,37 @@ async fn publish_stream_except(
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
-    if !published.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE event_store SET published_at = now()
-              WHERE aggregate_id = $1 AND sequence = ANY($2)",
-            )
-            .await?,
-            &[&aggregate_id, &published],
-        )
-        .await?;
+    let mut marked = landed;
+    marked.extend(published);
+    if !marked.is_empty() {
+        mark_published(&tx, aggregate_id, &marked).await?;
     }
     tx.commit().await?;
     match failure {
         Some(error) => Err(error.into()),
         None => Ok(pending.len()),
     }
+}
+
+/// Marks events `sequences` of `aggregate_id` published (acknowledged by the broker, or found in the
+/// log).
+async fn mark_published(
+    client: &impl GenericClient,
+    aggregate_id: Uuid,
+    sequences: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &client
+                .prepare_cached(
+                    "UPDATE event_store SET published_at = now()
+                      WHERE aggregate_id = $1 AND sequence = ANY($2) AND published_at IS NULL",
+                )
+                .await?,
+            &[&aggregate_id, &sequences],
+        )
+        .await?;
+    Ok(())
 }
 
 /// One relay sweep: publishes the streams (up to `limit`) whose oldest unpublished event is older than
