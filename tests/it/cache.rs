@@ -340,45 +340,13 @@ async fn concurrent_misses_share_one_database_read() {
     env.cleanup().await;
 }
 
-/// A private Redis that a test can pause (SIGSTOP: connections stay open, nothing answers); killed
-/// (after a SIGCONT) when dropped.
-struct PrivateRedis(std::process::Child);
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn private_redis() -> (PrivateRedis, u16) {
-    let port = crate::procs::free_port();
-    let redis = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server runs");
-    (PrivateRedis(redis), port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
     let logs = crate::helpers::capture_logs();
     let env = TestEnv::new().await;
     let projector = env.spawn_projector();
-    let (redis, port) = private_redis();
+    let redis = crate::procs::PrivateRedis::start();
+    let port = redis.port;
     let mut config = env.api_config();
     config.cache.redis_url = format!("redis://127.0.0.1:{port}");
     let api = env.spawn_api_with(config).await;
@@ -395,13 +363,13 @@ async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
     })
     .await;
 
-    crate::procs::signal(redis.0.id(), "STOP");
+    redis.pause();
     for _ in 0..40 {
         let (status, _, body) = get(&api, &path).await;
         assert_eq!(status, 200);
         assert_eq!(body, created);
     }
-    crate::procs::signal(redis.0.id(), "CONT");
+    redis.resume();
     let logged = logs.text();
     let timeouts = logged
         .matches("cache unavailable; reading PostgreSQL")
@@ -425,7 +393,8 @@ async fn a_hung_redis_costs_one_timeout_per_cool_down_not_one_per_request() {
 async fn a_hung_redis_never_stalls_the_projector_and_its_invalidations_arrive_when_it_answers() {
     let logs = crate::helpers::capture_logs();
     let env = TestEnv::new().await;
-    let (redis, port) = private_redis();
+    let redis = crate::procs::PrivateRedis::start();
+    let port = redis.port;
     let redis_url = format!("redis://127.0.0.1:{port}");
     let mut projector_config = env.projector_config();
     projector_config.cache.redis_url = redis_url.clone();
@@ -447,7 +416,7 @@ async fn a_hung_redis_never_stalls_the_projector_and_its_invalidations_arrive_wh
     })
     .await;
 
-    crate::procs::signal(redis.0.id(), "STOP");
+    redis.pause();
     // While Redis hangs, the product changes and more products are written: all of it is projected
     // (the projector hands invalidations to a background task and never waits for Redis).
     let patched = api
@@ -489,7 +458,7 @@ async fn a_hung_redis_never_stalls_the_projector_and_its_invalidations_arrive_wh
     )
     .await;
     // The stale entry is still in the paused Redis; once it answers, the kept invalidation lands.
-    crate::procs::signal(redis.0.id(), "CONT");
+    redis.resume();
     eventually(
         "the projector reports its pending invalidations applied",
         || async {

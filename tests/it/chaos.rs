@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::helpers::TEST_ADMIN_KEY;
 use crate::pipeline::ImageServer;
-use crate::procs::{PrivateBroker, PrivateS3, free_port, signal};
+use crate::procs::{PrivateBroker, PrivateRedis, PrivateS3, free_port, signal};
 
 /// A small deterministic generator (xorshift), so a run's moments can be repeated from its seed.
 struct Rng(u64);
@@ -114,54 +114,21 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// A redis-server of its own (no persistence), which the run stops, restarts and pauses.
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            signal(child.id(), "CONT");
-        }
-        self.stop();
-    }
+/// The path of one of the workspace's binaries, built beside this test binary.
+fn program(binary: &str) -> PathBuf {
+    // The test binary is target/debug/deps/it-…; the services are target/debug/<name>.
+    let program = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join(binary);
+    assert!(
+        program.exists(),
+        "{} is missing: `just chaos` builds it (cargo build --bins)",
+        program.display()
+    );
+    program
 }
 
 /// One of the catalog's processes (debug build), restartable.
@@ -174,20 +141,8 @@ struct Service {
 
 impl Service {
     fn new(name: &str, binary: &str, env: Vec<(String, String)>, dir: &Path) -> Self {
-        // The test binary is target/debug/deps/it-…; the services are target/debug/<name>.
-        let program = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .join(binary);
-        assert!(
-            program.exists(),
-            "{} is missing: `just chaos` builds it (cargo build --bins)",
-            program.display()
-        );
         Self {
-            program,
+            program: program(binary),
             env,
             log: dir.join(format!("{name}.log")),
             child: None,
@@ -295,7 +250,13 @@ struct Load {
 }
 
 impl Load {
-    fn server_error(&self, what: &str, status: u16, body: &Value) {
+    /// Sends one write: its status and JSON body (`Null` when it has none), or `None` when no answer
+    /// came (the API was down). A 5xx other than 503 is recorded.
+    async fn call(&self, what: &str, request: reqwest::RequestBuilder) -> Option<(u16, Value)> {
+        self.acked.lock().unwrap().attempted += 1;
+        let r = request.send().await.ok()?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or_default();
         if status >= 500 && status != 503 {
             self.acked
                 .lock()
@@ -303,6 +264,12 @@ impl Load {
                 .server_errors
                 .push(format!("{what} {status} {body}"));
         }
+        Some((status, body))
+    }
+
+    /// The API the `n`-th write goes to.
+    fn base(&self, n: u64) -> &str {
+        &self.bases[n as usize % self.bases.len()]
     }
 
     fn ack(&self, id: &str, version: u64) {
@@ -313,7 +280,6 @@ impl Load {
     }
 
     async fn create(&self, n: u64) {
-        self.acked.lock().unwrap().attempted += 1;
         let body = json!({
             "user_id": self.user,
             "product_name": format!("Chaos {n}"),
@@ -321,21 +287,13 @@ impl Load {
             "product_price": format!("{}.{:02}", 1 + n % 90, n % 100),
             "product_images": [format!("{}/small/chaos-{n}", self.images)],
         });
-        let Ok(r) = self
+        let request = self
             .http
-            .post(format!(
-                "{}/products",
-                self.bases[n as usize % self.bases.len()]
-            ))
-            .json(&body)
-            .send()
-            .await
-        else {
+            .post(format!("{}/products", self.base(n)))
+            .json(&body);
+        let Some((status, body)) = self.call("POST", request).await else {
             return;
         };
-        let status = r.status().as_u16();
-        let body: Value = r.json().await.unwrap_or_default();
-        self.server_error("POST", status, &body);
         if status == 201 {
             self.ack(
                 body["id"].as_str().unwrap_or_default(),
@@ -363,23 +321,13 @@ impl Load {
             let pick = rng.lock().unwrap().next() as usize % live.len();
             (live[pick].0.clone(), *live[pick].1)
         };
-        self.acked.lock().unwrap().attempted += 1;
-        let url = format!(
-            "{}/products/{target}",
-            self.bases[n as usize % self.bases.len()]
-        );
+        let url = format!("{}/products/{target}", self.base(n));
         if n % 15 == 14 {
-            let Ok(r) = self
+            let request = self
                 .http
                 .delete(&url)
-                .header("If-Match", format!("\"{version}\""))
-                .send()
-                .await
-            else {
-                return;
-            };
-            self.server_error("DELETE", r.status().as_u16(), &Value::Null);
-            if r.status() == 204 {
+                .header("If-Match", format!("\"{version}\""));
+            if let Some((204, _)) = self.call("DELETE", request).await {
                 let mut a = self.acked.lock().unwrap();
                 a.acknowledged += 1;
                 a.deleted.insert(target);
@@ -391,20 +339,12 @@ impl Load {
         } else {
             json!({"product_name": format!("Edited {n}"), "product_price": format!("{}.50", n % 50 + 1)})
         };
-        let Ok(r) = self
+        let request = self
             .http
             .patch(&url)
             .header("content-type", "application/merge-patch+json")
-            .json(&patch)
-            .send()
-            .await
-        else {
-            return;
-        };
-        let status = r.status().as_u16();
-        let body: Value = r.json().await.unwrap_or_default();
-        self.server_error("PATCH", status, &body);
-        if status == 200 {
+            .json(&patch);
+        if let Some((200, body)) = self.call("PATCH", request).await {
             self.ack(&target, body["version"].as_u64().unwrap_or_default());
         }
     }
@@ -438,7 +378,7 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     println!("process logs: {}", dir.display());
 
     let pg = PrivatePostgres::start();
-    let mut redis = PrivateRedis::start(free_port());
+    let mut redis = PrivateRedis::start();
     let broker = PrivateBroker::start().await;
     let s3 = PrivateS3::start().await;
     let images = ImageServer::start(0).await;
@@ -486,14 +426,12 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
 
-    let mut migrate = Service::new("migrate", "catalogctl", env.clone(), &dir);
-    let status = Command::new(&migrate.program)
+    let status = Command::new(program("catalogctl"))
         .arg("migrate")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .status()
         .unwrap();
     assert!(status.success(), "catalogctl migrate");
-    migrate.child = None;
     // Two instances of each consumer, as a deployment scales them. The first to join leads its
     // group; the second is the one killed: Tansu 0.6 (the development broker) keeps a dead group
     // leader for good (README, "Infrastructure"), which no client can undo; on Apache Kafka the
@@ -640,14 +578,12 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
     redis.stop();
     note(&mut faults, "Redis stopped");
     pause(2_000, 3_000).await;
-    let redis_port = redis.port;
-    drop(redis);
-    let redis = PrivateRedis::start(redis_port);
+    redis.restart();
     pause(1_000, 2_000).await;
-    signal(redis.pid(), "STOP");
+    redis.pause();
     note(&mut faults, "Redis hung (SIGSTOP)");
     pause(2_000, 3_000).await;
-    signal(redis.pid(), "CONT");
+    redis.resume();
     pause(2_000, 4_000).await;
     s3.pause();
     note(&mut faults, "S3 stopped during uploads (SIGSTOP)");

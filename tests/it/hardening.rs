@@ -21,6 +21,23 @@ async fn unprojected(api: &TestApi, n: usize) -> Vec<String> {
     ids
 }
 
+/// `n` reads started in the background, each waiting the whole read wait for a product no projector
+/// projects; each ends with its status.
+async fn waiting_reads(
+    api: &TestApi,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::StatusCode>>> {
+    unprojected(api, n)
+        .await
+        .into_iter()
+        .map(|id| {
+            let http = api.http.clone();
+            let url = api.url(&format!("/products/{id}?min_version=1"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect()
+}
+
 /// Sends a raw GET and hangs up after `after`, as an impatient client does.
 async fn get_and_disconnect(base: &str, path: &str, after: Duration) {
     let addr = base.trim_start_matches("http://");
@@ -68,15 +85,7 @@ async fn many_waiting_reads_do_not_starve_other_requests() {
     config.read_wait_ms = 8_000;
     let api = env.spawn_api_with(config).await;
     // Four times the pool size of reads waiting for versions that never come.
-    let waiting: Vec<_> = unprojected(&api, 32)
-        .await
-        .into_iter()
-        .map(|id| {
-            let http = api.http.clone();
-            let url = api.url(&format!("/products/{id}?min_version=1"));
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-        })
-        .collect();
+    let waiting = waiting_reads(&api, 32).await;
     // Plain reads all along the waits are answered from the pool, never left to time out at it.
     for _ in 0..20 {
         let r = api.get(&format!("/users/{}", Uuid::new_v4())).await;
@@ -97,15 +106,7 @@ async fn one_client_cannot_hold_more_than_its_share_of_requests() {
     config.read_wait_ms = 3_000;
     let api = env.spawn_api_with(config).await;
     // Four waits (for versions that never come) take every slot of this client address.
-    let waiting: Vec<_> = unprojected(&api, 4)
-        .await
-        .into_iter()
-        .map(|id| {
-            let http = api.http.clone();
-            let url = api.url(&format!("/products/{id}?min_version=1"));
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-        })
-        .collect();
+    let waiting = waiting_reads(&api, 4).await;
     // (They wait 3 s; half a second is ample for all four to arrive.)
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A fifth request is refused at once, with the reason and when to retry.

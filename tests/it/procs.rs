@@ -244,3 +244,70 @@ impl Drop for PrivateS3 {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A redis-server of one test (no persistence) on its own port, which the test may pause (SIGSTOP:
+/// connections stay open, nothing answers), stop and start again on the same port; killed (after a
+/// SIGCONT) when dropped.
+pub struct PrivateRedis {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one on a free port.
+    pub fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// Starts it (again, empty) on its port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+    }
+
+    /// Kills it: connections are refused until `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "CONT");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops it (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("running").id(), "STOP");
+    }
+
+    /// Lets it go on (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("running").id(), "CONT");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
