@@ -42,6 +42,8 @@ impl Rng {
 /// Runs `program args…` (as the `postgres` user when this process is root, as initdb and postgres
 /// refuse root) and fails the test if it fails.
 fn run_as_postgres(program: &str, args: &[&str]) {
+    let program = postgres_tool(program);
+    let program = program.as_str();
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -60,6 +62,39 @@ fn run_as_postgres(program: &str, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `initdb` or `pg_ctl`: from `PATH` when there, else from the server's own directory (Debian keeps
+/// them in /usr/lib/postgresql/<version>/bin, off `PATH`), newest version first. Always an absolute path: `runuser` searches the caller's `PATH` as the `postgres` user, who may not
+/// read some of its directories.
+fn postgres_tool(name: &str) -> String {
+    let on_path = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|p| p.starts_with('/'));
+    if let Some(path) = on_path {
+        return path;
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.iter()
+        .rev()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found on PATH or in /usr/lib/postgresql/*/bin"))
+        .display()
+        .to_string()
 }
 
 /// A PostgreSQL cluster of its own (initdb, pg_ctl), on its own port, that the run may restart.
