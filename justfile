@@ -18,6 +18,7 @@ test:
     scripts/check-services.sh
     scripts/broker.sh restart test {{test_broker_port}}
     scripts/s3.sh start {{s3_port}}
+    scripts/ensure-chromium.sh
     cargo build --workspace --tests --quiet
     export TEST_KAFKA_BROKERS=127.0.0.1:{{test_broker_port}} TEST_S3_ENDPOINT=http://127.0.0.1:{{s3_port}}; \
     if command -v cargo-nextest >/dev/null 2>&1; then \

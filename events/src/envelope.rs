@@ -22,6 +22,7 @@ pub fn event_id_for(aggregate_id: Uuid, sequence: u64) -> Uuid {
 }
 
 /// Which kind of aggregate a stream belongs to; each has its own topic.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AggregateType {
@@ -95,6 +96,7 @@ pub trait DomainEvent: Sized {
 /// The envelope exactly as it is on the wire (JSON body of every Kafka message).
 ///
 /// `data` is the payload at `schema_version`; readers go through [`Envelope::from_wire`], which upcasts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireEnvelope {
     /// Unique, deterministic id of the event (see [`event_id_for`]).

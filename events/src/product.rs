@@ -47,6 +47,7 @@ pub struct ImagesRequested {
 }
 
 /// Outcome of one source image in an [`ImagesProcessed`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageOutcomeStatus {
@@ -57,6 +58,7 @@ pub enum ImageOutcomeStatus {
 }
 
 /// One stored rendition of a source image.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageVariant {
     /// Position of the source image in `product_images`.

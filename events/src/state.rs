@@ -41,6 +41,7 @@ pub enum ApplyError {
 }
 
 /// Processing status of one source image.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageStatusKind {
@@ -53,6 +54,7 @@ pub enum ImageStatusKind {
 }
 
 /// One source image of a product and how far its processing got.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageStatus {
     /// Position in `product_images`, from 0.
@@ -70,6 +72,7 @@ pub struct ImageStatus {
 }
 
 /// A product as its events describe it; serialises as the API's product representation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProductState {
     /// Product id (the aggregate id).
@@ -317,6 +320,7 @@ impl ProductState {
 }
 
 /// A user as its events describe it; serialises as the API's user representation.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserState {
     /// User id (the aggregate id).

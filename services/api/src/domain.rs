@@ -21,7 +21,7 @@ pub const MAX_DESCRIPTION_CHARS: usize = 5000;
 pub const MAX_USER_NAME_CHARS: usize = 100;
 
 /// One problem with one field of a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// The field, as named in the request (`product_images[2]` for an element).
     pub field: String,

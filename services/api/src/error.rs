@@ -117,7 +117,7 @@ impl From<rdkafka::error::KafkaError> for ApiError {
 }
 
 /// The JSON body of every error response.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Stable machine-readable code, e.g. `validation_failed`.
     pub code: &'static str,

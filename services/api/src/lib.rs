@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod extract;
+mod openapi;
 mod query;
 pub mod read;
 mod routes;
@@ -58,11 +59,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The application's routes and middleware over `state`.
 pub fn router(state: AppState, config: &Config) -> Router {
-    let routes = Router::new()
-        .merge(routes::health::router())
-        .merge(routes::contract::router())
-        .merge(routes::users::router())
-        .merge(routes::products::router())
+    let routes = openapi::with_docs(documented_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), guard_reads))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
@@ -78,6 +75,23 @@ pub fn router(state: AppState, config: &Config) -> Router {
     with_middleware(routes, config)
 }
 
+/// Every route of the API, each with its OpenAPI operation.
+fn documented_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .merge(routes::health::router())
+        .merge(routes::contract::router())
+        .merge(routes::users::router())
+        .merge(routes::products::router())
+}
+
+/// The OpenAPI 3.1 document the API serves at `GET /openapi.json` (also committed as
+/// `docs/openapi.json`).
+pub fn openapi_document() -> String {
+    openapi::render(&openapi::finish(
+        openapi::with_own_route(documented_routes()).1,
+    ))
+}
+
 /// With `AUTH_READS=authenticated`, reads need a credential too (probes excepted).
 async fn guard_reads(
     axum::extract::State(state): axum::extract::State<AppState>,
@@ -86,8 +100,11 @@ async fn guard_reads(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    let probe =
-        matches!(path, "/healthz" | "/readyz" | "/asyncapi.yaml") || path.starts_with("/schemas/");
+    let probe = matches!(
+        path,
+        "/healthz" | "/readyz" | "/asyncapi.yaml" | "/openapi.json" | "/docs"
+    ) || path.starts_with("/schemas/")
+        || path.starts_with("/docs/");
     if state.auth.reads_need_credentials() && request.method() == axum::http::Method::GET && !probe
     {
         if let Err(error) = auth::authenticate(&state, request.headers(), client).await {

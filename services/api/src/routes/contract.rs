@@ -2,13 +2,13 @@
 //! to (`GET /schemas/{name}`, `GET /schemas/pipeline/{name}`), so the relative references in the
 //! AsyncAPI document resolve against the API as they do in the repository.
 
-use axum::Router;
 use axum::extract::Path;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
 const ASYNCAPI: &str = include_str!("../../../../events/asyncapi.yaml");
@@ -53,24 +53,49 @@ const SCHEMAS: &[(&str, &str)] = &[
     ),
 ];
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/asyncapi.yaml", get(asyncapi))
-        .route(
-            "/schemas/{name}",
-            get(|Path(name): Path<String>| schema(name)),
-        )
-        .route(
-            "/schemas/pipeline/{name}",
-            get(|Path(name): Path<String>| schema(format!("pipeline/{name}"))),
-        )
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(asyncapi))
+        .routes(routes!(event_schema))
+        .routes(routes!(pipeline_schema))
 }
 
+/// The AsyncAPI 3 document of the event topics.
+#[utoipa::path(
+    get, path = "/asyncapi.yaml", tag = "contract",
+    responses((status = 200, description = "The AsyncAPI document.", content_type = "application/yaml", body = String)),
+)]
 async fn asyncapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], ASYNCAPI).into_response()
 }
 
-async fn schema(name: String) -> Result<Response, ApiError> {
+/// The JSON Schema of one event payload version, e.g. `ProductCreated.v2.json`.
+#[utoipa::path(
+    get, path = "/schemas/{name}", tag = "contract",
+    params(("name" = String, Path, description = "File name, e.g. `ProductUpdated.v1.json`.")),
+    responses(
+        (status = 200, description = "The schema.", content_type = "application/schema+json", body = Object),
+        (status = 404, description = "No such schema (`not_found`).", body = ErrorBody),
+    ),
+)]
+async fn event_schema(Path(name): Path<String>) -> Result<Response, ApiError> {
+    schema(name)
+}
+
+/// The JSON Schema of an internal pipeline message (image jobs, dead letters).
+#[utoipa::path(
+    get, path = "/schemas/pipeline/{name}", tag = "contract",
+    params(("name" = String, Path, description = "File name, e.g. `DeadLetter.v1.json`.")),
+    responses(
+        (status = 200, description = "The schema.", content_type = "application/schema+json", body = Object),
+        (status = 404, description = "No such schema (`not_found`).", body = ErrorBody),
+    ),
+)]
+async fn pipeline_schema(Path(name): Path<String>) -> Result<Response, ApiError> {
+    schema(format!("pipeline/{name}"))
+}
+
+fn schema(name: String) -> Result<Response, ApiError> {
     SCHEMAS
         .iter()
         .find(|(n, _)| *n == name)

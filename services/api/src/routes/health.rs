@@ -2,24 +2,32 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::AppState;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
 }
 
 /// The process is up, serving HTTP, and not wedged: 503 when every connection of a pool is checked
 /// out and none comes back within `DB_TIMEOUT_MS` (connections held by work that never ends; a restart
 /// is the cure). A busy pool (requests shed after `API_POOL_WAIT_MS`) is not wedged, and PostgreSQL
 /// being down is a readiness matter, not liveness.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "Alive.", body = crate::openapi::Health),
+        (status = 503, description = "Wedged: restart the process.", body = crate::openapi::Health),
+    ),
+)]
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     use deadpool_postgres::{PoolError, TimeoutType, Timeouts};
     let timeouts = Timeouts {
@@ -48,6 +56,13 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
 
 /// PostgreSQL and the Kafka brokers answer, the producer can send and the event topics exist; 503
 /// naming the failing checks otherwise.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready for traffic.", body = crate::openapi::Readiness),
+        (status = 503, description = "Not ready; `checks` names what failed.", body = crate::openapi::Readiness),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let timeout = Duration::from_secs(2);
     let topics = state.topics.all();

@@ -2,17 +2,18 @@
 
 use std::collections::HashMap;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use events::{
     Decimal, Envelope, ImageRef, ImagesRequested, ProductCreated, ProductEvent, ProductState,
 };
 use platform::read_model::{PRODUCT_COLUMNS, product_from_row};
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
@@ -20,7 +21,9 @@ use crate::auth::{self, Caller, ClientAddr};
 use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewProduct, Price, ProductPatch};
 use crate::error::ApiError;
+use crate::error::ErrorBody;
 use crate::extract::JsonFields;
+use crate::openapi::{IdempotencyKey, IfMatch, ProductId};
 use crate::routes::users::user_exists;
 use crate::state::AppState;
 
@@ -30,18 +33,33 @@ pub(crate) const DEFAULT_LIMIT: i64 = 50;
 /// Largest page size of the product list.
 pub(crate) const MAX_LIMIT: i64 = 250;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/products", post(create_product).get(list_products))
-        .route(
-            "/products/{id}",
-            get(get_product).patch(patch_product).delete(delete_product),
-        )
-        .route("/products/{id}/events", get(list_events))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_product, list_products))
+        .routes(routes!(get_product, patch_product, delete_product))
+        .routes(routes!(list_events))
 }
 
 /// Creates a product: appends `ProductCreated` then `ImagesRequested` to the product's stream and
 /// answers 201 with the product as it will read back once both are acknowledged.
+#[utoipa::path(
+    post, path = "/products", tag = "products",
+    request_body(content = crate::openapi::CreateProduct, content_type = "application/json"),
+    params(IdempotencyKey),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created: both events are in the log. `Location` names the product; \
+            an idempotent replay carries `Idempotent-Replayed: true`.", body = ProductState,
+            headers(("Location" = String, description = "/products/{id}"))),
+        (status = 400, description = "The body is not JSON (`malformed_json`).", body = ErrorBody),
+        (status = 401, description = "No valid credential (`unauthenticated`).", body = ErrorBody),
+        (status = 403, description = "`user_id` names another user (`forbidden`).", body = ErrorBody),
+        (status = 413, description = "The body is larger than `API_MAX_BODY_BYTES` (`payload_too_large`).", body = ErrorBody),
+        (status = 415, description = "Not sent as `application/json` (`unsupported_media_type`).", body = ErrorBody),
+        (status = 422, description = "Invalid fields, each named in `errors` (`validation_failed`), or an \
+            `Idempotency-Key` reused with another body (`idempotency_key_reused`).", body = ErrorBody),
+    ),
+)]
 async fn create_product(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
@@ -272,6 +290,28 @@ const DELETE_ROUTE: &str = "DELETE /products/{id}";
 
 /// Edits a product with a JSON merge patch: appends `ProductUpdated` with the fields that change and,
 /// if URLs were added, `ImagesRequested` for them. 200 with the product as it will read back.
+#[utoipa::path(
+    patch, path = "/products/{id}", tag = "products",
+    request_body(content = crate::openapi::PatchProduct, content_type = "application/merge-patch+json"),
+    params(ProductId, IfMatch, IdempotencyKey),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Changed (or nothing to change): the product as it will read back, \
+            with its new version.", body = ProductState,
+            headers(("ETag" = String, description = "The new version, quoted: \"4\""))),
+        (status = 400, description = "The body is not JSON (`malformed_json`).", body = ErrorBody),
+        (status = 401, description = "No valid credential (`unauthenticated`).", body = ErrorBody),
+        (status = 403, description = "Not the caller's product (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such product (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The product was deleted (`gone`, with `deleted_at`).", body = ErrorBody),
+        (status = 412, description = "`If-Match` is not the current version (`version_mismatch`, with \
+            `current_version`).", body = ErrorBody),
+        (status = 413, description = "The body is too large (`payload_too_large`).", body = ErrorBody),
+        (status = 415, description = "Not JSON or merge-patch JSON (`unsupported_media_type`).", body = ErrorBody),
+        (status = 422, description = "Invalid, unknown or unchangeable fields, each named \
+            (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn patch_product(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
@@ -350,6 +390,20 @@ fn patch_events(product: &ProductState, patch: ProductPatch) -> Vec<ProductEvent
 }
 
 /// Withdraws a product: appends `ProductDeleted`; 204.
+#[utoipa::path(
+    delete, path = "/products/{id}", tag = "products",
+    params(ProductId, IfMatch, IdempotencyKey),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted: `ProductDeleted` is in the log."),
+        (status = 401, description = "No valid credential (`unauthenticated`).", body = ErrorBody),
+        (status = 403, description = "Not the caller's product (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such product (`not_found`).", body = ErrorBody),
+        (status = 410, description = "Already deleted (`gone`, with `deleted_at`).", body = ErrorBody),
+        (status = 412, description = "`If-Match` is not the current version (`version_mismatch`).", body = ErrorBody),
+        (status = 422, description = "A malformed id or header (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn delete_product(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
@@ -398,6 +452,30 @@ async fn forget_cached(state: &AppState, id: Uuid, outcome: &commands::Outcome) 
 /// A product, with its images' status and stored variants: from the cache when it has it, else from
 /// the projection. `ETag` is the version; `If-None-Match` with it answers 304. `?min_version=N` waits
 /// (up to `API_READ_WAIT_MS`) for version N and answers 503 `projection_behind` if it does not come.
+#[utoipa::path(
+    get, path = "/products/{id}", tag = "products",
+    params(
+        ProductId,
+        ("min_version" = Option<u64>, Query, minimum = 1, description = "Wait (up to `API_READ_WAIT_MS`) \
+            until the projection has this version: read-your-writes after a write answered it."),
+        ("as_of_version" = Option<u64>, Query, minimum = 1, description = "The product as it was right \
+            after this version, folded from its history."),
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer: 304 \
+            when it is still current."),
+    ),
+    responses(
+        (status = 200, description = "The product, with each image's status and the stored variants. \
+            `X-Cache` says where it came from (`local`, `redis` or `db`).", body = ProductState,
+            headers(("ETag" = String, description = "The version, quoted"))),
+        (status = 304, description = "Not modified since the `If-None-Match` version."),
+        (status = 404, description = "No such product or version (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The product was deleted (`gone`, with `deleted_at`).", body = ErrorBody),
+        (status = 422, description = "A malformed id or parameter, or a `min_version` never written \
+            (`validation_failed`).", body = ErrorBody),
+        (status = 503, description = "`min_version` not projected in time (`projection_behind`) or a \
+            dependency is unavailable (`unavailable`).", body = ErrorBody),
+    ),
+)]
 async fn get_product(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -490,7 +568,7 @@ async fn product_as_of(state: &AppState, id: Uuid, version: u64) -> Result<Produ
 }
 
 /// A page of a product's history.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct EventPage {
     /// Envelopes in stream order, exactly as on the topic (after upcasting to the current version).
     items: Vec<events::WireEnvelope>,
@@ -500,6 +578,20 @@ struct EventPage {
 }
 
 /// `GET /products/{id}/events?after=<sequence>&limit=<n>`: the product's events in order.
+#[utoipa::path(
+    get, path = "/products/{id}/events", tag = "products",
+    params(
+        ProductId,
+        ("after" = Option<u64>, Query, description = "Only events after this sequence (a page's `next_after`)."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 250, description = "Page size (default 50)."),
+    ),
+    responses(
+        (status = 200, description = "The product's events in stream order, as on the topic (upcast to \
+            the current schema versions); deleted products keep their history.", body = EventPage),
+        (status = 404, description = "No such product (`not_found`).", body = ErrorBody),
+        (status = 422, description = "A malformed id or parameter (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn list_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -682,7 +774,7 @@ impl ListQuery {
 }
 
 /// A page of the product list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ProductPage {
     /// The products, oldest first.
     items: Vec<ProductState>,
@@ -701,6 +793,21 @@ fn like_pattern(name: &str) -> String {
 }
 
 /// A user's products, filtered by price range and name, in pages ordered by (created_at, id).
+#[utoipa::path(
+    get, path = "/products", tag = "products",
+    params(
+        ("user_id" = Uuid, Query, description = "The owner whose products to list (required)."),
+        ("min_price" = Option<String>, Query, description = "Lowest price, inclusive (a decimal such as 10 or 9.99)."),
+        ("max_price" = Option<String>, Query, description = "Highest price, inclusive."),
+        ("name" = Option<String>, Query, description = "Case-insensitive substring of the name (literal: % and _ match themselves)."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 250, description = "Page size (default 50)."),
+        ("cursor" = Option<String>, Query, description = "A page's `next_cursor`, for the next page."),
+    ),
+    responses(
+        (status = 200, description = "A page of the user's products (deleted ones left out), oldest first.", body = ProductPage),
+        (status = 422, description = "A missing or malformed parameter, each named (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn list_products(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,

@@ -1,35 +1,52 @@
 //! `POST /users`, `GET /users/{id}`.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use chrono::Utc;
 use events::{Envelope, UserEvent, UserRegistered, UserState};
 use platform::read_model::{USER_COLUMNS, user_from_row};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
 use crate::auth::{self, ClientAddr};
 use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewUser};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::JsonFields;
+use crate::openapi::{IdempotencyKey, UserId};
 use crate::query;
 use crate::state::AppState;
 
 const ROUTE: &str = "POST /users";
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", post(create_user))
-        .route("/users/{id}", get(get_user))
-        .route("/users/{id}/api-keys", post(create_key))
-        .route("/users/{id}/api-keys/{key_id}", delete(revoke_key))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_user))
+        .routes(routes!(get_user))
+        .routes(routes!(create_key))
+        .routes(routes!(revoke_key))
 }
 
 /// Registers a user: appends `UserRegistered`, answers 201 once the broker acknowledged it.
+#[utoipa::path(
+    post, path = "/users", tag = "users",
+    request_body(content = crate::openapi::CreateUser, content_type = "application/json"),
+    params(IdempotencyKey),
+    responses(
+        (status = 201, description = "Registered: `UserRegistered` is in the log. The answer carries the \
+            user's first API key, shown only here.", body = crate::openapi::UserCreated,
+            headers(("Location" = String, description = "/users/{id}"))),
+        (status = 400, description = "The body is not JSON (`malformed_json`).", body = ErrorBody),
+        (status = 409, description = "The e-mail address is taken (`conflict`, field `email`).", body = ErrorBody),
+        (status = 413, description = "The body is too large (`payload_too_large`).", body = ErrorBody),
+        (status = 415, description = "Not sent as `application/json` (`unsupported_media_type`).", body = ErrorBody),
+        (status = 422, description = "Invalid fields, each named (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn create_user(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -113,6 +130,17 @@ async fn key_owner(
 }
 
 /// Issues another API key to the user: 201 with its id and the key (shown once).
+#[utoipa::path(
+    post, path = "/users/{id}/api-keys", tag = "users",
+    params(UserId),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Issued; the key is shown only in this answer.", body = crate::openapi::KeyIssued),
+        (status = 401, description = "No valid credential (`unauthenticated`).", body = ErrorBody),
+        (status = 403, description = "Another user's keys (`forbidden`).", body = ErrorBody),
+        (status = 422, description = "A malformed id (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn create_key(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
@@ -141,6 +169,18 @@ async fn create_key(
 }
 
 /// Revokes one of the user's keys: 204; every API process refuses it from then on.
+#[utoipa::path(
+    delete, path = "/users/{id}/api-keys/{key_id}", tag = "users",
+    params(UserId, ("key_id" = Uuid, Path, description = "The key's id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Revoked: every API process refuses the key from now on."),
+        (status = 401, description = "No valid credential (`unauthenticated`).", body = ErrorBody),
+        (status = 403, description = "Another user's keys (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "The user has no such key (`not_found`).", body = ErrorBody),
+        (status = 422, description = "A malformed id (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn revoke_key(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
@@ -178,6 +218,15 @@ async fn email_taken(state: &AppState, email_lower: &str) -> Result<bool, ApiErr
 }
 
 /// A user from the projection.
+#[utoipa::path(
+    get, path = "/users/{id}", tag = "users",
+    params(UserId),
+    responses(
+        (status = 200, description = "The user.", body = UserState),
+        (status = 404, description = "No such user (`not_found`).", body = ErrorBody),
+        (status = 422, description = "A malformed id (`validation_failed`).", body = ErrorBody),
+    ),
+)]
 async fn get_user(
     State(state): State<AppState>,
     Path(id): Path<String>,
