@@ -434,6 +434,8 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         ("DB_POOL_SIZE", "8".to_owned()),
         ("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port)),
         ("API_ADDR", format!("127.0.0.1:{api_port}")),
+        // Two of each consumer run here: their metrics listeners would fight for one port.
+        ("METRICS_ADDR", String::new()),
         (
             "AUTH_ADMIN_KEY_DIGESTS",
             api::auth::digest_hex(TEST_ADMIN_KEY),

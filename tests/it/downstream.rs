@@ -109,6 +109,8 @@ async fn per_user_counts_match_the_events_even_with_duplicates() {
         env.kafka().brokers,
         "--kafka-topic-prefix".into(),
         env.prefix.clone(),
+        "--metrics-addr".into(),
+        String::new(),
     ]);
     let config = user_stats::Config::parse_from(args);
     let (stop, stopped) = oneshot::channel::<()>();

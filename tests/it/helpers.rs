@@ -130,6 +130,8 @@ impl TestEnv {
         args.extend(common_args(self));
         args.extend(["--group-id".to_owned(), format!("{}projector", self.prefix)]);
         args.extend(["--cache-key-prefix".to_owned(), self.prefix.clone()]);
+        // Tests run many projectors at once: no metrics listener unless a test asks for one.
+        args.extend(["--metrics-addr".to_owned(), String::new()]);
         projector::Config::parse_from(args)
     }
 
@@ -168,6 +170,8 @@ impl TestEnv {
                 "catalog-secret",
                 "--image-key-prefix",
                 &self.prefix,
+                "--metrics-addr",
+                "",
             ]
             .iter()
             .map(|s| (*s).to_owned()),

@@ -19,6 +19,7 @@ mod hardening;
 mod helpers;
 mod history;
 mod list;
+mod metrics;
 mod openapi;
 mod pipeline;
 mod procs;

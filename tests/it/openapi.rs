@@ -109,6 +109,7 @@ async fn exercise(c: &mut Checker, api: &TestApi) {
     let url = |p: &str| api.url(p);
     c.call("GET", "/healthz", http.get(url("/healthz"))).await;
     c.call("GET", "/readyz", http.get(url("/readyz"))).await;
+    c.call("GET", "/metrics", http.get(url("/metrics"))).await;
     c.call("GET", "/openapi.json", http.get(url("/openapi.json")))
         .await;
     c.call("GET", "/asyncapi.yaml", http.get(url("/asyncapi.yaml")))

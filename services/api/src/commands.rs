@@ -295,6 +295,14 @@ pub async fn relay(state: AppState, settings: RelaySettings, mut shutdown: watch
             Ok(n) => tracing::info!(events = n, "outbox relay published pending events"),
             Err(error) => tracing::warn!(%error, "outbox relay sweep failed; will retry"),
         }
+        match event_store::waiting(&state.pool).await {
+            #[allow(clippy::cast_precision_loss)]
+            Ok((events, oldest)) => {
+                metrics::gauge!("outbox_events_waiting").set(events as f64);
+                metrics::gauge!("outbox_oldest_waiting_seconds").set(oldest);
+            }
+            Err(error) => tracing::debug!(%error, "cannot measure the outbox"),
+        }
         if let Err(error) = expire(&state, settings.retention).await {
             tracing::warn!(%error, "cannot expire old commands");
         }

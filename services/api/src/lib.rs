@@ -102,7 +102,7 @@ async fn guard_reads(
     let path = request.uri().path();
     let probe = matches!(
         path,
-        "/healthz" | "/readyz" | "/asyncapi.yaml" | "/openapi.json" | "/docs"
+        "/healthz" | "/readyz" | "/metrics" | "/asyncapi.yaml" | "/openapi.json" | "/docs"
     ) || path.starts_with("/schemas/")
         || path.starts_with("/docs/");
     if state.auth.reads_need_credentials() && request.method() == axum::http::Method::GET && !probe
@@ -200,7 +200,7 @@ impl ClientSlots {
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
-        let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+        let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
         let Some(client) = client.filter(|_| self.limit > 0 && !probe) else {
             return next.run(request).await;
         };
@@ -245,6 +245,7 @@ async fn trace_request(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "http.request",
         http.method = %request.method(),
@@ -258,7 +259,15 @@ async fn trace_request(request: Request, next: Next) -> Response {
         .scope(request_id, next.run(request).instrument(span.clone()))
         .await;
     let status = response.status();
-    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = start.elapsed();
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     span.record("http.status", status.as_u16());
     span.record("http.latency_ms", latency_ms);
     span.in_scope(|| {
@@ -287,6 +296,7 @@ async fn trace_request(request: Request, next: Next) -> Response {
 
 /// Connects to PostgreSQL and Kafka (migrating and creating topics if configured).
 pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
+    platform::metrics::handle();
     if config.run_migrations {
         platform::db::ensure_database(&config.db).await?;
         platform::db::migrate(&config.db).await?;

@@ -67,6 +67,9 @@ pub struct Config {
     /// than the decoding share fails with `too_many_pixels`.
     #[arg(long, env = "IMAGE_MEMORY_LIMIT_MB", default_value_t = 1024)]
     pub memory_limit_mb: u32,
+    /// Address of the metrics listener (`GET /metrics`, Prometheus text format); empty: none.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9102")]
+    pub metrics_addr: String,
     /// Images decoded and encoded at once (CPU-bound; 0 = number of cores).
     #[arg(long, env = "IMAGE_CPU_WORKERS", default_value_t = 0)]
     pub cpu_workers: usize,

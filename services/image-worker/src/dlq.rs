@@ -291,3 +291,28 @@ pub async fn redrive(
     }
     Ok(report)
 }
+
+/// Keeps the `image_dead_letters` gauge (letters in the index, i.e. on the dead-letter topic) current:
+/// measured every 15 s until `stop`.
+pub async fn measure_depth(
+    pool: deadpool_postgres::Pool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match pool.get().await {
+            Ok(client) => match client
+                .query_one("SELECT count(*) FROM pipeline_dead_letters", &[])
+                .await
+            {
+                #[allow(clippy::cast_precision_loss)]
+                Ok(row) => metrics::gauge!("image_dead_letters").set(row.get::<_, i64>(0) as f64),
+                Err(error) => tracing::debug!(%error, "cannot count dead letters"),
+            },
+            Err(error) => tracing::debug!(%error, "cannot count dead letters"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(15)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

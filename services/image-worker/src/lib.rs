@@ -72,6 +72,7 @@ pub async fn run(
             "IMAGE_RETRY_DELAYS_MS: give at least one delay".into(),
         ));
     }
+    let _metrics = platform::metrics::serve(&config.metrics_addr).await;
     let topics = ensure_topics(&config).await?;
     let fetcher = Fetcher::new(
         FetchLimits {
@@ -128,12 +129,14 @@ pub async fn run(
     );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let depth_task = tokio::spawn(dlq::measure_depth(ctx.pool.clone(), stopped.clone()));
     let job_task = tokio::spawn(worker::run_jobs(ctx.clone(), jobs, stopped.clone()));
     let retry_task = tokio::spawn(worker::run_retries(ctx.clone(), retries, stopped));
     shutdown.await;
     let _ = stop.send(true);
     let _ = job_task.await;
     let _ = retry_task.await;
+    let _ = depth_task.await;
     tracing::info!("image worker stopped");
     Ok(())
 }

@@ -106,6 +106,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
     let started = Instant::now();
     let mut download = ctx.memory.download().await;
     let source = ctx.fetcher.fetch(&image.url).await?;
+    metrics::counter!("image_download_bytes_total").increment(source.len() as u64);
     download.shrink_to(source.len());
     let downloaded = Instant::now();
     let hash = hex(&Sha256::digest(&source));
@@ -287,6 +288,7 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
     let mut dead = Vec::new();
     let mut retry = Vec::new();
     for (image, result) in pending.iter().zip(results) {
+        record_outcome(&result);
         match result {
             Ok(outcome) => job.done.push(outcome),
             Err(failure) if failure.retryable => {
@@ -391,9 +393,12 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
             crate::dlq::index(&client, &record)
                 .await
                 .map_err(|e| JobError::Index(e.to_string()))?;
+            metrics::counter!("image_dead_letters_total", "error_class" => record.letter.failure.class.clone())
+                .increment(1);
         }
     }
     let processed = Instant::now();
+    metrics::histogram!("image_job_duration_seconds").record((processed - started).as_secs_f64());
     if job.pending().is_empty() {
         append_result(ctx, &job).await?;
         tracing::info!(
@@ -403,6 +408,18 @@ async fn run_job(ctx: &Context, mut job: Job, origin: &Origin) -> Result<(), Job
         );
     }
     Ok(())
+}
+
+/// Counts one image's outcome in this attempt: `ready`, `retry` (a retryable failure) or `failed`
+/// (permanent), with the failure's `error_class`.
+fn record_outcome(result: &Result<ImageOutcome, Failure>) {
+    let (outcome, class) = match result {
+        Ok(_) => ("ready", String::new()),
+        Err(f) if f.retryable => ("retry", f.class.clone()),
+        Err(f) => ("failed", f.class.clone()),
+    };
+    metrics::counter!("image_results_total", "outcome" => outcome, "error_class" => class)
+        .increment(1);
 }
 
 /// The failure headers of a retry or dead-letter message, as (name, value).

@@ -461,3 +461,17 @@ pub async fn relay_once(
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
+
+/// Events recorded and not yet acknowledged by the broker: how many, and how long the oldest has
+/// waited in seconds (0 when none). Cheap: it reads the partial index of unpublished rows.
+pub async fn waiting(pool: &deadpool_postgres::Pool) -> Result<(i64, f64), StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(recorded_at))::float8, 0)
+               FROM event_store WHERE published_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}

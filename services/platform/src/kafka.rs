@@ -403,8 +403,9 @@ impl Default for GroupHealth {
 }
 
 impl GroupHealth {
-    /// Reads a statistics document (the `stats_raw` callback).
+    /// Reads a statistics document (the `stats_raw` callback); also records the consumer lag metric.
     pub fn observe(&self, statistics: &[u8]) {
+        crate::metrics::record_consumer_lag(statistics);
         #[derive(serde::Deserialize)]
         struct Stats {
             cgrp: Option<Group>,

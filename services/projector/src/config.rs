@@ -29,6 +29,9 @@ pub struct Config {
     /// database and the broker it only adds contention (docs/BENCHMARKS.md).
     #[arg(long, env = "PROJECTOR_PARALLELISM", default_value_t = 1)]
     pub parallelism: usize,
+    /// Address of the metrics listener (`GET /metrics`, Prometheus text format); empty: none.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    pub metrics_addr: String,
     /// Apply pending SQL migrations at start-up.
     #[arg(long, env = "RUN_MIGRATIONS", default_value_t = false, action = clap::ArgAction::Set)]
     pub run_migrations: bool,

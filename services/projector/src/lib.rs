@@ -140,6 +140,7 @@ pub async fn run(
         platform::db::ensure_database(&config.db).await?;
         platform::db::migrate(&config.db).await?;
     }
+    let _metrics = platform::metrics::serve(&config.metrics_addr).await;
     let pool = platform::db::pool(&config.db)?;
     platform::db::ping(&pool).await?;
     if config.kafka.create_topics {
@@ -271,6 +272,7 @@ async fn project(
                     "batch projected"
                 );
                 rate.record(&report, size);
+                record_batch(&report, started.elapsed());
                 commit(consumer, lanes.iter().flatten());
                 break;
             };
@@ -285,6 +287,21 @@ async fn project(
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// The metrics of one committed batch: events by what became of them, and how long the batch took.
+fn record_batch(report: &BatchReport, took: Duration) {
+    for (result, n) in [
+        ("applied", report.applied),
+        ("duplicate", report.duplicates),
+        ("parked", report.parked),
+        ("rejected", report.rejected),
+    ] {
+        if n > 0 {
+            metrics::counter!("projector_events_total", "result" => result).increment(n as u64);
+        }
+    }
+    metrics::histogram!("projector_batch_duration_seconds").record(took.as_secs_f64());
 }
 
 /// Splits a batch into `lanes` by partition, keeping each partition's order: lanes never share a

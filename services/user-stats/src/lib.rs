@@ -28,6 +28,9 @@ pub struct Config {
         default_value = "catalog-user-stats"
     )]
     pub group_id: String,
+    /// Address of the metrics listener (`GET /metrics`, Prometheus text format); empty: none.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9103")]
+    pub metrics_addr: String,
     /// PostgreSQL settings (the tables are created in DB_SCHEMA on start-up).
     #[command(flatten)]
     pub db: DbConfig,
@@ -76,6 +79,7 @@ CREATE TABLE IF NOT EXISTS user_stats_rejected (
 
 /// Consumes until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    let _metrics = platform::metrics::serve(&config.metrics_addr).await;
     let pool = platform::db::pool(&config.db)?;
     pool.get().await?.batch_execute(SCHEMA).await?;
     tokio::pin!(shutdown);

@@ -491,7 +491,11 @@ async fn get_product(
         let version = positive(raw, "as_of_version")?;
         return Ok(Json(product_as_of(&state, id, version).await?).into_response());
     }
-    let Some((product, source)) = crate::read::product(&state, id, min_version).await? else {
+    let found = crate::read::product(&state, id, min_version).await?;
+    if let Some((_, source)) = &found {
+        metrics::counter!("product_reads_total", "source" => source.as_str()).increment(1);
+    }
+    let Some((product, source)) = found else {
         return Err(ApiError::NotFound("product"));
     };
     if let Some(deleted_at) = product.deleted_at {
