@@ -287,6 +287,7 @@ fn case(known: Known) -> impl Strategy<Value = Case> {
             .clone()
             .prop_map(|id| (format!("/products/{id}"), 1)),
         products.prop_map(|id| (format!("/products/{id}/events"), 2)),
+        Just(("/products/changes".to_owned(), 8)),
         Just(("/users".to_owned(), 3)),
         users.clone().prop_map(|id| (format!("/users/{id}"), 4)),
         users
@@ -451,6 +452,28 @@ async fn send(http: &reqwest::Client, base: &str, case: &Case) -> Result<u16, Te
         TestCaseError::fail(format!("no answer ({e}) after {:?}", started.elapsed()))
     })?;
     let status = response.status();
+    let is_stream = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if status.is_success() && is_stream && case.method != "HEAD" {
+        // The change feed never ends: its first event must come at once, then the case is done.
+        let mut body = response.bytes_stream();
+        let first =
+            tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut body))
+                .await
+                .map_err(|_| TestCaseError::fail("the change feed sent nothing"))?;
+        let first = first
+            .and_then(Result::ok)
+            .ok_or_else(|| TestCaseError::fail("the change feed ended at once"))?;
+        if !first.starts_with(b"event: ready") {
+            return Err(TestCaseError::fail(format!(
+                "the change feed did not start with `ready`: {:?}",
+                String::from_utf8_lossy(&first)
+            )));
+        }
+        return Ok(status.as_u16());
+    }
     let is_json = response
         .headers()
         .get("content-type")

@@ -10,6 +10,7 @@ mod api;
 mod auth;
 mod broker_faults;
 mod cache;
+mod changes;
 mod chaos;
 mod compose;
 mod downstream;

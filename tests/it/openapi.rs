@@ -250,6 +250,17 @@ async fn exercise(c: &mut Checker, api: &TestApi) {
     let (s, _) = c
         .call(
             "GET",
+            "/products/changes",
+            http.get(url("/products/changes?user_id=nope")),
+        )
+        .await;
+    assert_eq!(
+        s, 422,
+        "the stream itself is checked in tests/it/changes.rs"
+    );
+    let (s, _) = c
+        .call(
+            "GET",
             "/products/{id}/events",
             http.get(url(&format!("{one}/events"))),
         )

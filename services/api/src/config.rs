@@ -32,6 +32,17 @@ pub struct Config {
     /// set 0 there and limit at the proxy.
     #[arg(long, env = "API_CLIENT_CONCURRENCY", default_value_t = 64)]
     pub client_concurrency: usize,
+    /// Change-feed subscribers (`GET /products/changes`) this process serves at once; more answer
+    /// 503 with `Retry-After` (each holds a Kafka consumer of its own).
+    #[arg(long, env = "API_CHANGES_MAX_CLIENTS", default_value_t = 100)]
+    pub changes_max_clients: usize,
+    /// Events buffered for one change-feed subscriber.
+    #[arg(long, env = "API_CHANGES_BUFFER", default_value_t = 256)]
+    pub changes_buffer: usize,
+    /// How long a subscriber's full buffer may stay full, in milliseconds, before it is disconnected
+    /// with an `overflow` event (it resumes with `Last-Event-ID`).
+    #[arg(long, env = "API_CHANGES_SLOW_CLIENT_MS", default_value_t = 5_000)]
+    pub changes_slow_client_ms: u64,
     /// Longest a request may take before it is answered 503, in milliseconds.
     #[arg(long, env = "API_REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
     pub request_timeout_ms: u64,

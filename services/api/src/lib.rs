@@ -5,6 +5,7 @@
 //! PostgreSQL projection that the projector maintains.
 
 pub mod auth;
+pub mod changes;
 pub mod commands;
 pub mod config;
 pub mod domain;
@@ -82,6 +83,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(routes::contract::router())
         .merge(routes::users::router())
         .merge(routes::products::router())
+        .merge(changes::router())
 }
 
 /// The OpenAPI 3.1 document the API serves at `GET /openapi.json` (also committed as
@@ -336,6 +338,13 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         }),
         loads: Arc::default(),
         auth: Arc::new(auth::Authenticator::new(&config.auth).map_err(StartupError::Auth)?),
+        changes: Arc::new(changes::Feed::new(
+            config.kafka.clone(),
+            config.kafka.topics().products,
+            config.changes_max_clients,
+            config.changes_buffer,
+            Duration::from_millis(config.changes_slow_client_ms),
+        )),
         fault: config.fault,
     }))
 }
@@ -360,12 +369,17 @@ pub async fn run(
     ));
     tracing::info!(addr = %listener.local_addr()?, "catalog API listening");
     let app = router(state.clone(), &config);
+    let feed = state.changes.clone();
     serve(
         listener,
         app,
         Duration::from_millis(config.header_timeout_ms),
         ClientSlots::new(config.client_connections),
-        shutdown,
+        async move {
+            shutdown.await;
+            // Change-feed streams never end by themselves: end them so connections can close.
+            feed.close();
+        },
     )
     .await;
     let _ = stop_relay.send(true);

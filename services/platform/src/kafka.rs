@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{DefaultConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
@@ -678,6 +678,18 @@ pub fn headers(wire: &events::WireEnvelope, source: &str) -> OwnedHeaders {
                 value: Some(value.as_bytes()),
             })
         })
+}
+
+/// A consumer that never joins a group and never commits: partitions are assigned by hand at offsets
+/// the caller chooses (a change-feed subscriber, a one-off scan). No statistics: many may run at once.
+pub fn reader(
+    cfg: &KafkaConfig,
+    client_id: &str,
+) -> Result<StreamConsumer<DefaultConsumerContext>, KafkaError> {
+    let group = format!("{client_id}-{}", uuid::Uuid::new_v4().simple());
+    let mut config = consumer_config(cfg, &group, client_id);
+    config.set("statistics.interval.ms", "0");
+    config.create()
 }
 
 /// Reads which events are in the log, for publishers that must not send an event twice: a consumer
