@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `just dev`: the whole system on this machine: broker (Tansu, in memory), migrations, API, projector and
-# image worker (variants stored as local files under .run/images).
+# image worker (variants stored as local files under .run/images, served by the API under /images/ so
+# their URLs open in a browser).
 # Ctrl-C stops the services; the broker keeps running (scripts/broker.sh stop dev stops it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,10 @@ export DB_NAME="${DB_NAME:-catalog}"
 export API_ADDR="${API_ADDR:-127.0.0.1:8080}"
 export IMAGE_STORE="${IMAGE_STORE:-local}"
 export IMAGE_LOCAL_DIR="${IMAGE_LOCAL_DIR:-$root/.run/images}"
+if [ "$IMAGE_STORE" = local ]; then
+    export API_LOCAL_IMAGES_DIR="${API_LOCAL_IMAGES_DIR:-$IMAGE_LOCAL_DIR}"
+    export IMAGE_PUBLIC_BASE_URL="${IMAGE_PUBLIC_BASE_URL:-http://$API_ADDR}"
+fi
 port="${KAFKA_BROKERS##*:}"
 
 cargo build --bins --quiet

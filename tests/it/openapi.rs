@@ -110,6 +110,17 @@ async fn exercise(c: &mut Checker, api: &TestApi) {
     c.call("GET", "/healthz", http.get(url("/healthz"))).await;
     c.call("GET", "/readyz", http.get(url("/readyz"))).await;
     c.call("GET", "/metrics", http.get(url("/metrics"))).await;
+    let (s, _) = c
+        .call(
+            "GET",
+            "/images/{shard}/{hash}/{file}",
+            http.get(url(&format!("/images/ab/ab{}/x.webp", "0".repeat(62)))),
+        )
+        .await;
+    assert_eq!(
+        s, 404,
+        "served only with API_LOCAL_IMAGES_DIR (tests/it/pipeline.rs)"
+    );
     c.call("GET", "/openapi.json", http.get(url("/openapi.json")))
         .await;
     c.call("GET", "/asyncapi.yaml", http.get(url("/asyncapi.yaml")))

@@ -308,6 +308,24 @@ async fn images_become_ready_variants_in_s3_stored_once() {
         };
         assert_eq!((decoded.width(), decoded.height()), expected, "{key}");
         assert!(v["url"].as_str().unwrap().ends_with(key));
+        // Served with its type, cached for good (the key names the content).
+        let attributes = store.attributes(key).await.unwrap();
+        let content_type = if v["format"] == "webp" {
+            "image/webp"
+        } else {
+            "image/jpeg"
+        };
+        assert!(
+            attributes.contains(&("ContentType".into(), content_type.into())),
+            "{key}: {attributes:?}"
+        );
+        assert!(
+            attributes.contains(&(
+                "CacheControl".into(),
+                "public, max-age=31536000, immutable".into()
+            )),
+            "{key}: {attributes:?}"
+        );
     }
     assert_eq!(store.list("images/").await.unwrap().len(), 12);
 
@@ -941,5 +959,74 @@ async fn messages_the_worker_cannot_read_are_kept_with_their_reason_not_dropped(
     worker.stop().await;
     projector.stop().await;
     api.stop().await;
+    env.cleanup().await;
+}
+
+/// `just dev`'s set-up: variants in the local file store, served read-only by the API, so the URLs in
+/// `compressed_product_images` open in a browser, with their type and an immutable cache lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_local_store_variant_urls_are_served_by_the_api() {
+    let env = TestEnv::new().await;
+    let images = ImageServer::start(0).await;
+    let dir = std::env::temp_dir().join(format!("catalog-local-images-{}", uuid::Uuid::new_v4()));
+    let mut api_config = env.api_config();
+    api_config.local_images_dir = dir.display().to_string();
+    let api = env.spawn_api_with(api_config).await;
+    let projector = env.spawn_projector();
+    let mut worker_config = env.worker_config();
+    worker_config.store.kind = "local".into();
+    worker_config.store.local_dir = dir.display().to_string();
+    worker_config.store.public_base_url.clone_from(&api.base);
+    // A directory of its own: no per-test key prefix (the route serves `images/…` keys, as `just dev`
+    // writes them).
+    worker_config.store.key_prefix = String::new();
+    let worker = env.spawn_worker_with(worker_config);
+
+    let user = api.create_user().await;
+    let id = create_product(&api, &user, &[images.url("/photo/local.jpg")]).await;
+    let product = settled(&api, &id, 3).await;
+    let variants = product["compressed_product_images"].as_array().unwrap();
+    assert_eq!(variants.len(), 4);
+    let plain = reqwest::Client::new();
+    for v in variants {
+        let url = v["url"].as_str().unwrap();
+        assert!(url.starts_with(&format!("{}/images/", api.base)), "{url}");
+        let r = plain.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let expected = if v["format"] == "webp" {
+            "image/webp"
+        } else {
+            "image/jpeg"
+        };
+        assert_eq!(r.headers()["content-type"], expected);
+        assert_eq!(
+            r.headers()["cache-control"],
+            "public, max-age=31536000, immutable"
+        );
+        let bytes = r.bytes().await.unwrap();
+        assert_eq!(bytes.len() as u64, v["bytes"].as_u64().unwrap());
+        image::load_from_memory(&bytes).unwrap();
+    }
+    // Only variant paths are served: nothing else of the directory, nothing outside it.
+    let hash = variants[0]["key"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(2)
+        .unwrap();
+    for path in [
+        format!("/images/{}/{hash}/..%2F..%2Fsecret", &hash[..2]),
+        format!("/images/{}/{hash}/.hidden", &hash[..2]),
+        format!("/images/00/{hash}/x.webp"),
+        "/images/../../etc/passwd".to_owned(),
+    ] {
+        let r = plain.get(api.url(&path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
     env.cleanup().await;
 }

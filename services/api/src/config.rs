@@ -32,6 +32,10 @@ pub struct Config {
     /// set 0 there and limit at the proxy.
     #[arg(long, env = "API_CLIENT_CONCURRENCY", default_value_t = 64)]
     pub client_concurrency: usize,
+    /// Serve the image worker's local store (`IMAGE_LOCAL_DIR`) read-only under `/images/…`, so
+    /// variant URLs open in a browser during development (`just dev` sets it); empty: off.
+    #[arg(long, env = "API_LOCAL_IMAGES_DIR", default_value = "")]
+    pub local_images_dir: String,
     /// Change-feed subscribers (`GET /products/changes`) this process serves at once; more answer
     /// 503 with `Retry-After` (each holds a Kafka consumer of its own).
     #[arg(long, env = "API_CHANGES_MAX_CLIENTS", default_value_t = 100)]

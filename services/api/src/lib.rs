@@ -84,6 +84,7 @@ fn documented_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(routes::users::router())
         .merge(routes::products::router())
         .merge(changes::router())
+        .merge(routes::images::router())
 }
 
 /// The OpenAPI 3.1 document the API serves at `GET /openapi.json` (also committed as
@@ -338,6 +339,8 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         }),
         loads: Arc::default(),
         auth: Arc::new(auth::Authenticator::new(&config.auth).map_err(StartupError::Auth)?),
+        local_images: (!config.local_images_dir.is_empty())
+            .then(|| std::path::PathBuf::from(&config.local_images_dir)),
         changes: Arc::new(changes::Feed::new(
             config.kafka.clone(),
             config.kafka.topics().products,

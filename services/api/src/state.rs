@@ -55,6 +55,8 @@ pub struct Shared {
     pub loads: Arc<crate::read::SingleFlight>,
     /// Credentials and rate limits.
     pub auth: Arc<crate::auth::Authenticator>,
+    /// The image worker's local store, served read-only under `/images/…` (development).
+    pub local_images: Option<std::path::PathBuf>,
     /// The change feed (`GET /products/changes`).
     pub changes: Arc<crate::changes::Feed>,
     /// Injected failure, tests only.

@@ -104,6 +104,8 @@ pub struct ImageStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     public_base: String,
+    /// Whether objects carry HTTP attributes (S3 does; the local file store cannot).
+    attributes: bool,
     timeout: std::time::Duration,
     breaker: Arc<platform::breaker::CircuitBreaker>,
 }
@@ -151,6 +153,7 @@ impl ImageStore {
             store,
             prefix: cfg.key_prefix.clone(),
             public_base,
+            attributes: cfg.kind == "s3",
             timeout: std::time::Duration::from_millis(cfg.store_timeout_ms),
             breaker: Arc::new(platform::breaker::CircuitBreaker::new(
                 "image store",
@@ -223,9 +226,24 @@ impl ImageStore {
 
     /// Writes `bytes` at `key` unless an object is already there (then the existing one, which has the
     /// same content by construction, is kept). Returns whether this call wrote it.
+    ///
+    /// Objects are served with their `Content-Type` and `Cache-Control: public, max-age=31536000,
+    /// immutable`: a key names its content (source hash and encoding settings), so it never changes.
     pub async fn put_if_absent(&self, key: &str, bytes: Vec<u8>) -> Result<bool, Failure> {
+        let mut attributes = object_store::Attributes::new();
+        if self.attributes {
+            attributes.insert(
+                object_store::Attribute::ContentType,
+                platform::media::content_type_of(key).into(),
+            );
+            attributes.insert(
+                object_store::Attribute::CacheControl,
+                platform::media::IMMUTABLE.into(),
+            );
+        }
         let options = PutOptions {
             mode: PutMode::Create,
+            attributes,
             ..PutOptions::default()
         };
         let answered = |r: &Result<_, object_store::Error>| {
@@ -249,6 +267,19 @@ impl ImageStore {
             .map_ok(|m| (m.location.to_string(), m.size))
             .try_collect()
             .await
+    }
+
+    /// The HTTP attributes stored with `key` (tests and operators).
+    pub async fn attributes(
+        &self,
+        key: &str,
+    ) -> Result<Vec<(String, String)>, object_store::Error> {
+        let got = self.store.get(&Path::from(key)).await?;
+        Ok(got
+            .attributes
+            .iter()
+            .map(|(k, v)| (format!("{k:?}"), v.as_ref().to_owned()))
+            .collect())
     }
 
     /// The bytes at `key` (tests and operators).

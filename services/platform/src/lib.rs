@@ -10,6 +10,7 @@ pub mod db;
 pub mod event_store;
 pub mod kafka;
 pub mod lag;
+pub mod media;
 pub mod metrics;
 pub mod read_model;
 pub mod shutdown;

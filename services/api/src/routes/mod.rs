@@ -2,6 +2,7 @@
 
 pub(crate) mod contract;
 pub(crate) mod health;
+pub(crate) mod images;
 pub(crate) mod products;
 pub(crate) mod users;
 
