@@ -97,6 +97,10 @@ pub struct ImageOutcome {
     /// Why it failed, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A BlurHash (<https://blurha.sh>) of the thumbnail, for clients to paint before the image loads
+    /// (ready images; optional: absent in events written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<String>,
 }
 
 /// The image worker finished the job of one `ImagesRequested`: every image of it is ready or failed.

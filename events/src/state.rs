@@ -69,6 +69,9 @@ pub struct ImageStatus {
     /// Why processing failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// BlurHash of the thumbnail, once the image is ready (see `ImageOutcome::placeholder`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placeholder: Option<String>,
 }
 
 /// A product as its events describe it; serialises as the API's product representation.
@@ -155,6 +158,7 @@ impl ProductState {
                                 status: ImageStatusKind::Pending,
                                 error_class: None,
                                 reason: None,
+                                placeholder: None,
                             },
                             Vec::new(),
                         );
@@ -194,6 +198,7 @@ impl ProductState {
                                 status,
                                 error_class: outcome.error_class.clone(),
                                 reason: outcome.reason.clone(),
+                                placeholder: outcome.placeholder.clone(),
                             },
                             variants,
                         );
@@ -276,6 +281,7 @@ impl ProductState {
                     status: ImageStatusKind::Pending,
                     error_class: None,
                     reason: None,
+                    placeholder: None,
                 }),
             }
         }
@@ -480,6 +486,7 @@ mod tests {
                 }],
                 error_class: None,
                 reason: None,
+                placeholder: Some("LKO2?U%2Tw=w]~RBVZRi};RPxuwH".into()),
             }],
         })
     }
@@ -501,10 +508,20 @@ mod tests {
             .unwrap()
             .unwrap();
         state.apply(&at(id, 3, processed(A, 0))).unwrap();
+        assert_eq!(
+            state.images[0].placeholder.as_deref(),
+            Some("LKO2?U%2Tw=w]~RBVZRi};RPxuwH"),
+            "the read model carries the outcome's placeholder"
+        );
         state.apply(&at(id, 4, images(&[B, A]))).unwrap();
         assert_eq!(state.product_images, [B, A]);
         assert_eq!(state.images[0].status, ImageStatusKind::Pending);
+        assert_eq!(state.images[0].placeholder, None);
         assert_eq!(state.images[1].status, ImageStatusKind::Ready);
+        assert!(
+            state.images[1].placeholder.is_some(),
+            "a moved image keeps it"
+        );
         assert_eq!(state.compressed_product_images.len(), 1);
         assert_eq!(state.compressed_product_images[0].position, 1);
         assert_eq!(

@@ -154,6 +154,7 @@ async fn append_failed_result(env: &TestEnv, created: &Value) {
                     variants: vec![],
                     error_class: Some("http_4xx".into()),
                     reason: Some("404".into()),
+                    placeholder: None,
                 })
                 .collect(),
         }),

@@ -38,6 +38,7 @@ fn outcome(position: u32, ready: bool) -> ImageOutcome {
         },
         error_class: (!ready).then(|| "http_4xx".to_owned()),
         reason: (!ready).then(|| "404".to_owned()),
+        placeholder: None,
     }
 }
 

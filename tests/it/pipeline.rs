@@ -285,6 +285,12 @@ async fn images_become_ready_variants_in_s3_stored_once() {
     assert_eq!(product["version"], 3);
     for image in product["images"].as_array().unwrap() {
         assert_eq!(image["status"], "ready", "{image}");
+        // A BlurHash of the thumbnail to paint first: 4×3 components for these landscape photos.
+        let placeholder = image["placeholder"].as_str().unwrap();
+        assert!(
+            placeholder.starts_with('L') && placeholder.len() == 28,
+            "{placeholder}"
+        );
     }
     let variants = product["compressed_product_images"].as_array().unwrap();
     assert_eq!(variants.len(), 12, "4 variants of 3 images");
@@ -333,6 +339,10 @@ async fn images_become_ready_variants_in_s3_stored_once() {
     let again = create_product(&api, &user, &urls[..1]).await;
     let other = settled(&api, &again, 3).await;
     assert_eq!(other["images"][0]["status"], "ready");
+    assert_eq!(
+        other["images"][0]["placeholder"], product["images"][0]["placeholder"],
+        "found stored, the placeholder comes from the stored thumbnail: the same"
+    );
     assert_eq!(
         store.list("images/").await.unwrap().len(),
         12,

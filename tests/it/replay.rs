@@ -38,6 +38,7 @@ fn histories(count: usize) -> Vec<Envelope<ProductEvent>> {
             variants: vec![],
             error_class: (!ready).then(|| "timeout".to_owned()),
             reason: (!ready).then(|| "gave up".to_owned()),
+            placeholder: None,
         };
         let mut events = vec![
             ProductEvent::Created(ProductCreated {

@@ -83,6 +83,7 @@ impl Job {
             variants: Vec::new(),
             error_class: Some(failure.class.clone()),
             reason: Some(failure.message.clone()),
+            placeholder: None,
         });
     }
 }

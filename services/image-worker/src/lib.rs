@@ -5,6 +5,7 @@
 //! (one topic per delay) and end on the dead-letter topic, with the reason in headers; `catalogctl dlq`
 //! lists and re-drives them.
 
+pub mod blurhash;
 pub mod config;
 pub mod dlq;
 pub mod fetch;

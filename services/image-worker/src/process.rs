@@ -529,6 +529,26 @@ pub fn render(
     render_planned(bytes, limits, &plan, specs)
 }
 
+/// The variant placeholders are computed from: the first thumbnail of [`DEFAULT_VARIANTS`].
+pub fn placeholder_source() -> usize {
+    DEFAULT_VARIANTS
+        .iter()
+        .position(|s| s.name == "thumb")
+        .expect("a thumbnail is among the default variants")
+}
+
+/// A BlurHash of an encoded thumbnail (JPEG or WebP): 4×3 components for landscape pictures, 3×4 for
+/// portrait ones, from the picture shrunk to at most 32 pixels a side (the hash keeps only its
+/// lowest frequencies). Computed from the stored bytes, so a re-run that finds the variants stored
+/// gets the same string. `None` if the thumbnail does not decode.
+pub fn placeholder(thumbnail: &[u8]) -> Option<String> {
+    let image = image::load_from_memory(thumbnail).ok()?;
+    let small = image.thumbnail(32, 32).into_rgba8();
+    let (w, h) = small.dimensions();
+    let (x, y) = if w >= h { (4, 3) } else { (3, 4) };
+    crate::blurhash::encode(x, y, w, h, small.as_raw())
+}
+
 /// `render` for an image already checked by `plan`.
 pub fn render_planned(
     bytes: &[u8],
@@ -630,6 +650,48 @@ mod tests {
         img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn placeholders_are_blurhashes_of_the_thumbnail() {
+        let thumb_spec = DEFAULT_VARIANTS[placeholder_source()];
+        let solid = |w: u32, h: u32| {
+            let rgb = image::RgbImage::from_pixel(w, h, image::Rgb([200, 30, 30]));
+            encode(rgb.as_raw(), w, h, thumb_spec).unwrap()
+        };
+        let thumb = solid(256, 192);
+        let landscape = placeholder(&thumb).unwrap();
+        // Size flag, maximum, DC (4 chars), then 2 chars per AC component: 4×3 → 28 characters.
+        assert_eq!(landscape.len(), 4 + 2 * (4 * 3 - 1) + 2);
+        assert!(landscape.starts_with('L'), "4×3 components: {landscape}");
+        let portrait = placeholder(&solid(192, 256)).unwrap();
+        assert!(portrait.starts_with('T'), "3×4 components: {portrait}");
+        // It carries the thumbnail's colour (as encoded: lossy WebP shifts it a little).
+        let stored = image::load_from_memory(&thumb).unwrap().into_rgb8();
+        let mean: Vec<u8> = (0..3)
+            .map(|c| {
+                let sum: u64 = stored.pixels().map(|p| u64::from(p[c])).sum();
+                u8::try_from(sum / u64::from(stored.width() * stored.height())).unwrap()
+            })
+            .collect();
+        let average = crate::blurhash::average(&landscape).unwrap();
+        for (got, want) in average.iter().zip(&mean) {
+            assert!(got.abs_diff(*want) <= 2, "{average:?} vs {mean:?}");
+        }
+        // The same bytes always give the same string; garbage gives none.
+        assert_eq!(placeholder(&solid(256, 192)).unwrap(), landscape);
+        assert_eq!(placeholder(b"not an image"), None);
+        // A left-to-right gradient is mostly horizontal frequency.
+        let gradient = image::RgbImage::from_fn(256, 192, |x, _| {
+            let v = u8::try_from(x).unwrap();
+            image::Rgb([v, v, v])
+        });
+        let hash = placeholder(&encode(gradient.as_raw(), 256, 192, thumb_spec).unwrap()).unwrap();
+        let left = crate::blurhash::decode(&hash, 8, 1).unwrap();
+        assert!(
+            left[0] + 100 < left[7 * 4],
+            "dark left, light right: {left:?}"
+        );
     }
 
     #[test]

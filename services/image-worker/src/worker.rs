@@ -137,10 +137,11 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
     };
     let mut got_cpu = checked;
     let mut rendered = checked;
-    let variants = if sizes.iter().all(Option::is_some) {
-        // Already stored (same source bytes, same settings): only the sizes are needed.
+    let (variants, placeholder) = if sizes.iter().all(Option::is_some) {
+        // Already stored (same source bytes, same settings): only the sizes are needed, and the
+        // placeholder, from the stored thumbnail (a few KiB).
         let (w, h) = plan.display_size();
-        DEFAULT_VARIANTS
+        let variants = DEFAULT_VARIANTS
             .iter()
             .zip(keys.iter().zip(sizes))
             .map(|(spec, (key, size))| {
@@ -155,7 +156,18 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
                     size.unwrap_or_default(),
                 )
             })
-            .collect()
+            .collect();
+        let placeholder = match ctx.store.get(&keys[process::placeholder_source()]).await {
+            Ok(thumb) => tokio::task::spawn_blocking(move || process::placeholder(&thumb))
+                .await
+                .ok()
+                .flatten(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the stored thumbnail; no placeholder");
+                None
+            }
+        };
+        (variants, placeholder)
     } else {
         // Memory first, then a CPU slot: a job waiting for either holds nothing the other waits for.
         let Some(memory) = ctx.memory.decoding(plan.peak_bytes).await else {
@@ -176,10 +188,12 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
             .await
             .expect("semaphore never closes");
         got_cpu = Instant::now();
-        let encoded = tokio::task::spawn_blocking(move || {
+        let (encoded, placeholder) = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let _held = (permit, memory);
-            process::render_planned(&source, limits, &plan, &DEFAULT_VARIANTS)
+            let encoded = process::render_planned(&source, limits, &plan, &DEFAULT_VARIANTS)?;
+            let placeholder = process::placeholder(&encoded[process::placeholder_source()].bytes);
+            Ok::<_, Failure>((encoded, placeholder))
         })
         .await
         .map_err(blocking_failure)??;
@@ -209,7 +223,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
-        variants
+        (variants, placeholder)
     };
     drop(download);
     let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1000.0;
@@ -229,6 +243,7 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
         variants,
         error_class: None,
         reason: None,
+        placeholder,
     })
 }
 
