@@ -302,7 +302,8 @@ async fn main() -> anyhow::Result<()> {
                             "say what to re-drive: --all, --product ID or --error-class CLASS"
                         );
                     }
-                    let report = dlq::redrive(&kafka, &pool, &records).await?;
+                    let progress = platform::progress::Progress::new("redrive", "products");
+                    let report = dlq::redrive_with(&kafka, &pool, &records, Some(progress)).await?;
                     println!(
                         "re-driven: {} image(s) of {} product(s); skipped {} (no longer failed)",
                         report.images, report.products, report.skipped

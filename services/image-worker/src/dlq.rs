@@ -228,6 +228,16 @@ pub async fn redrive(
     pool: &deadpool_postgres::Pool,
     records: &[DeadLetterRecord],
 ) -> Result<RedriveReport, DlqError> {
+    redrive_with(kafka, pool, records, None).await
+}
+
+/// [`redrive`], reporting each product done to `progress` (`catalogctl dlq redrive`).
+pub async fn redrive_with(
+    kafka: &KafkaConfig,
+    pool: &deadpool_postgres::Pool,
+    records: &[DeadLetterRecord],
+    mut progress: Option<platform::progress::Progress>,
+) -> Result<RedriveReport, DlqError> {
     use platform::event_store::{self, NewEvent};
     let producer = platform::kafka::EventProducer::new(kafka, "catalogctl")?;
     let topics = kafka.topics();
@@ -239,7 +249,11 @@ pub async fn redrive(
             .insert(r.letter.image.url.clone(), r.letter.image.clone());
     }
     let mut report = RedriveReport::default();
-    for (product_id, images) in by_product {
+    let total = by_product.len() as u64;
+    for (done, (product_id, images)) in by_product.into_iter().enumerate() {
+        if let Some(progress) = &mut progress {
+            progress.update(done as u64, total);
+        }
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;
         let head = event_store::lock_head::<events::ProductState>(&tx, product_id).await?;
@@ -288,6 +302,13 @@ pub async fn redrive(
         tracing::info!(product.id = %product_id, event.sequence = version + 1, images = count, "re-driven");
         report.products += 1;
         report.images += count;
+    }
+    if let Some(mut progress) = progress {
+        progress.update(total, total);
+        progress.finish(&format!(
+            "{} products, {} images re-driven, {} skipped",
+            report.products, report.images, report.skipped
+        ));
     }
     Ok(report)
 }

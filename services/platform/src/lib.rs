@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod lag;
 pub mod media;
 pub mod metrics;
+pub mod progress;
 pub mod read_model;
 pub mod shutdown;
 pub mod telemetry;

@@ -162,7 +162,9 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
         ..ReplayReport::default()
     };
     let started = Instant::now();
-    let mut last_print = Instant::now();
+    let mut progress = options
+        .progress
+        .then(|| platform::progress::Progress::new("replay", "events"));
     let mut rebuilt: Positions = HashMap::new();
     let idle = Duration::from_millis(500);
     loop {
@@ -185,21 +187,16 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
             rebuilt = positions;
         }
         let live = positions(&live_pool, &live_schema, &options.live_group).await?;
-        if options.progress && (last_print.elapsed() >= Duration::from_secs(1) || idle_now) {
-            let rate = report.events as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let behind = if options.side_by_side {
-                lag(&rebuilt, &live)
+        if let Some(progress) = &mut progress {
+            // Done: events replayed; to go: how far the rebuild is behind the live projection (in
+            // place: behind where the projection was when the replay began).
+            let target = if options.side_by_side {
+                &live
             } else {
-                0
+                &live_before
             };
-            eprint!(
-                "\rreplay: {} events, {:.0} events/s, lag {} events, ETA {:.1} s      ",
-                report.events,
-                rate,
-                behind,
-                behind as f64 / rate.max(1.0)
-            );
-            last_print = Instant::now();
+            let behind = u64::try_from(lag(&rebuilt, target)).unwrap_or(0);
+            progress.update(report.events, report.events + behind);
         }
         if !idle_now {
             continue;
@@ -234,8 +231,8 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
             break;
         }
     }
-    if options.progress {
-        eprintln!();
+    if let Some(progress) = progress {
+        progress.finish(&format!("{} events replayed", report.events));
     }
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     if report.switched {
