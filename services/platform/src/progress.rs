@@ -188,5 +188,13 @@ mod tests {
             !text.contains('\r') && !text.contains('\u{1b}'),
             "no terminal codes: {text:?}"
         );
+
+        // A state already printed is not printed again by `finish`.
+        let out = Shared::default();
+        let mut p = Progress::plain("redrive", "products", Box::new(out.clone()));
+        p.update(5, 5);
+        p.finish("done");
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
 }
