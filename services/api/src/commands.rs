@@ -2,11 +2,15 @@
 //! published in order.
 //!
 //! A command (create user, create / edit / delete product) runs [`execute`]:
-//! 1. one PostgreSQL transaction locks the stream's head (`platform::event_store::lock_head`), lets the
-//!    route decide the events from the current state and the version the client expects, records the
-//!    command (`api_commands`: idempotency key, request fingerprint, the response) and appends the
-//!    events (`event_store`), moving the head from the version it read. So the order of every stream's
-//!    events is decided here, once, whoever writes (the image worker and re-drives append the same way);
+//! 1. the route decides the events from the stream's head (read without a lock; none for a creation)
+//!    and the version the client expects; then one statement (`catalog_append_command`, one round
+//!    trip) records the command (`api_commands`: idempotency key, request fingerprint, the response),
+//!    moves the head from the version the decision was made on (compare-and-set) and appends the events
+//!    (`event_store`). If another writer moved the head meanwhile, nothing is written and the route
+//!    decides again on the new head. So the order of every stream's events is decided here, once,
+//!    whoever writes (the image worker and re-drives append through the same head). A registration,
+//!    which also claims an e-mail address and issues a key, does the same steps in one transaction
+//!    holding the head locked (`platform::event_store::lock_head`);
 //! 2. after the commit the stream's unpublished events are produced in sequence order, each
 //!    acknowledged before the next (`platform::event_store::publish_stream`).
 //!
@@ -47,6 +51,8 @@ pub(crate) struct Command {
     pub(crate) email_claim: Option<String>,
     /// An API key this command issues to the aggregate (user registration): its id and digest.
     pub(crate) key_grant: Option<(Uuid, Vec<u8>)>,
+    /// The command creates its stream (a fresh id): there is no head to read.
+    pub(crate) creates: bool,
 }
 
 /// What a route decided, given the stream's head.
@@ -121,9 +127,111 @@ pub(crate) async fn replay_if_known(
     }))
 }
 
+/// How many times a command decides again because other writers moved its stream's head meanwhile,
+/// before it decides once more with the head locked (so a very busy stream still makes progress).
+const OPTIMISTIC_ATTEMPTS: usize = 8;
+
 /// Decides, records and publishes `command`; see the module docs. `decide` gets the stream's head
-/// (version and state JSON; `None` if the stream does not exist) while it is locked.
+/// (version and state JSON; `None` if the stream does not exist); it may be called again if the head
+/// moved before the command was recorded.
 pub(crate) async fn execute(
+    state: &AppState,
+    command: Command,
+    mut decide: impl FnMut(Option<(u64, Value)>) -> Result<Decision, ApiError>,
+) -> Result<Outcome, ApiError> {
+    if command.email_claim.is_some() || command.key_grant.is_some() {
+        return execute_locked(state, command, decide).await;
+    }
+    let client = state.pool.get().await?;
+    for _ in 0..OPTIMISTIC_ATTEMPTS {
+        let head = if command.creates {
+            None
+        } else {
+            event_store::read_head(&client, command.aggregate_id).await?
+        };
+        let decision = decide(head)?;
+        let record = event_store::CommandRecord {
+            id: command.id,
+            route: command.route,
+            idempotency_key: command.idempotency_key.as_deref(),
+            request_hash: &command.request_hash,
+            response: &decision.response,
+        };
+        let written = event_store::append_command(
+            &client,
+            &record,
+            command.aggregate_id,
+            decision.expected,
+            &decision.events,
+            &decision.head,
+            EVENT_SOURCE,
+        )
+        .await;
+        match written {
+            Ok(event_store::CommandWritten::Appended) => {
+                drop(client);
+                return published(state, &command, decision).await;
+            }
+            Ok(event_store::CommandWritten::Duplicate) => {
+                // A concurrent request with the same key won the race: answer as its retry.
+                drop(client);
+                return replay_concurrent(state, &command).await;
+            }
+            Err(StoreError::VersionMismatch { .. }) if command.creates => {
+                return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
+            }
+            Err(StoreError::VersionMismatch { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    drop(client);
+    execute_locked(state, command, decide).await
+}
+
+/// The answer of a command whose idempotency key a concurrent request recorded first.
+async fn replay_concurrent(state: &AppState, command: &Command) -> Result<Outcome, ApiError> {
+    let key = command.idempotency_key.as_deref().unwrap_or_default();
+    replay_if_known(state, command.route, key, &command.request_hash)
+        .await?
+        .ok_or_else(|| ApiError::Internal("idempotency row vanished".into()))
+}
+
+/// After the command is recorded: publishes its events in order and answers.
+async fn published(
+    state: &AppState,
+    command: &Command,
+    decision: Decision,
+) -> Result<Outcome, ApiError> {
+    if state.fault == Some(Fault::DieBeforePublish) && !decision.events.is_empty() {
+        return Err(ApiError::Internal(
+            "injected fault: died after the commit, before publishing".into(),
+        ));
+    }
+    if decision.expected == 0 && !decision.events.is_empty() {
+        guarded(
+            state,
+            event_store::publish_new_stream(
+                &state.pool,
+                &state.producer,
+                &state.topics,
+                &decision.events,
+                EVENT_SOURCE,
+            ),
+        )
+        .await?;
+    } else if !decision.events.is_empty() {
+        publish(state, command.aggregate_id).await?;
+    }
+    Ok(Outcome {
+        body: decision.response,
+        replayed: false,
+    })
+}
+
+/// [`execute`] in one transaction that holds the stream's head locked while `decide` runs: for
+/// commands that also claim an e-mail address or issue a key, and for a stream so busy that
+/// deciding on an unlocked head kept losing the race.
+async fn execute_locked(
     state: &AppState,
     command: Command,
     decide: impl FnOnce(Option<(u64, Value)>) -> Result<Decision, ApiError>,
@@ -151,10 +259,7 @@ pub(crate) async fn execute(
         // A concurrent request with the same key won the race: answer as its retry.
         drop(tx);
         drop(client);
-        let key = command.idempotency_key.as_deref().unwrap_or_default();
-        return replay_if_known(state, command.route, key, &command.request_hash)
-            .await?
-            .ok_or_else(|| ApiError::Internal("idempotency row vanished".into()));
+        return replay_concurrent(state, &command).await;
     }
     if let Some(email) = &command.email_claim {
         let claimed = tx
@@ -182,8 +287,7 @@ pub(crate) async fn execute(
         )
         .await?;
     }
-    let creates_stream = decision.expected == 0;
-    let new_events: Vec<NewEvent> = decision.events.into_iter().map(NewEvent::new).collect();
+    let new_events: Vec<NewEvent> = decision.events.iter().cloned().map(NewEvent::new).collect();
     event_store::append(
         &tx,
         command.aggregate_id,
@@ -201,31 +305,7 @@ pub(crate) async fn execute(
         }
     })?;
     drop(client);
-    if state.fault == Some(Fault::DieBeforePublish) && !new_events.is_empty() {
-        return Err(ApiError::Internal(
-            "injected fault: died after the commit, before publishing".into(),
-        ));
-    }
-    if creates_stream {
-        let wires: Vec<events::WireEnvelope> = new_events.into_iter().map(|e| e.wire).collect();
-        guarded(
-            state,
-            event_store::publish_new_stream(
-                &state.pool,
-                &state.producer,
-                &state.topics,
-                &wires,
-                EVENT_SOURCE,
-            ),
-        )
-        .await?;
-    } else if !new_events.is_empty() {
-        publish(state, command.aggregate_id).await?;
-    }
-    Ok(Outcome {
-        body: decision.response,
-        replayed: false,
-    })
+    published(state, &command, decision).await
 }
 
 /// Publishes every unpublished event of the stream, in order.

@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0008_pipeline_dead_letters.sql",
         sql: include_str!("../../../sql/0008_pipeline_dead_letters.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_append_command.sql",
+        sql: include_str!("../../../sql/0009_append_command.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

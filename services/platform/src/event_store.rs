@@ -100,6 +100,124 @@ pub async fn lock_head<S: DeserializeOwned>(
     Ok(Some((version, state)))
 }
 
+/// The head of stream `aggregate_id` as it is now (no lock): its version and state, or `None` if the
+/// stream does not exist. For writers that decide first and then move the head with a compare-and-set
+/// ([`append_command`]).
+pub async fn read_head(
+    client: &impl GenericClient,
+    aggregate_id: Uuid,
+) -> Result<Option<(u64, serde_json::Value)>, StoreError> {
+    let Some(row) = client
+        .query_opt(
+            &client
+                .prepare_cached("SELECT version, state FROM stream_heads WHERE aggregate_id = $1")
+                .await?,
+            &[&aggregate_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let version = u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
+    let Json(state): Json<serde_json::Value> = row.get(1);
+    Ok(Some((version, state)))
+}
+
+/// The command row an API command records with its events (idempotency and the stored answer).
+pub struct CommandRecord<'a> {
+    /// Id of the command's row.
+    pub id: Uuid,
+    /// `METHOD /path` the command came through; scopes idempotency keys.
+    pub route: &'a str,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<&'a str>,
+    /// Fingerprint of the request.
+    pub request_hash: &'a [u8],
+    /// The answer, stored for retries.
+    pub response: &'a serde_json::Value,
+}
+
+/// What [`append_command`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandWritten {
+    /// The command is recorded and its events appended (or, with none, the command alone).
+    Appended,
+    /// The idempotency key was used already: nothing was written.
+    Duplicate,
+}
+
+/// Records `command`, moves the head of `aggregate_id` from `expected` (0: creates the stream) to
+/// `state` and appends `events` — in one statement, so one round trip and no lock held between
+/// statements (`sql/0009_append_command.sql`). A head no longer at `expected` writes nothing and is
+/// [`StoreError::VersionMismatch`]: the caller reads the head again and decides again.
+pub async fn append_command(
+    client: &impl GenericClient,
+    command: &CommandRecord<'_>,
+    aggregate_id: Uuid,
+    expected: u64,
+    events: &[events::WireEnvelope],
+    state: &serde_json::Value,
+    source: &str,
+) -> Result<CommandWritten, StoreError> {
+    let aggregate_type = events
+        .first()
+        .map_or("product", |e| e.aggregate_type.as_str());
+    let mut sequences = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    for (offset, wire) in events.iter().enumerate() {
+        if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "event {} does not continue stream {aggregate_id} at version {expected}",
+                wire.event_id
+            )));
+        }
+        sequences.push(to_i64(wire.sequence));
+        ids.push(wire.event_id);
+        envelopes
+            .push(serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    }
+    let statement = client
+        .prepare_cached(
+            "SELECT catalog_append_command($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .await?;
+    let result = client
+        .query_one(
+            &statement,
+            &[
+                &command.id,
+                &command.route,
+                &command.idempotency_key,
+                &command.request_hash,
+                command.response,
+                &aggregate_id,
+                &aggregate_type,
+                &to_i64(expected),
+                state,
+                &source,
+                &sequences,
+                &ids,
+                &envelopes,
+            ],
+        )
+        .await;
+    match result {
+        Ok(row) if row.get::<_, &str>(0) == "duplicate" => Ok(CommandWritten::Duplicate),
+        Ok(_) => Ok(CommandWritten::Appended),
+        Err(e)
+            if e.code().is_some_and(|c| c.code() == "CA409")
+                || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+        {
+            Err(StoreError::VersionMismatch {
+                aggregate_id,
+                expected,
+            })
+        }
+        Err(e) => Err(StoreError::Postgres(e)),
+    }
+}
+
 /// Appends `events` to the stream of `aggregate_id`, which must be at version `expected` (0: the
 /// stream must not exist yet), and sets its head to `state`. Call inside the transaction that holds
 /// the head ([`lock_head`]); nothing is visible until it commits. Events are written as `source`.

@@ -114,17 +114,21 @@ async fn create_product(
         request_hash: hash,
         email_claim: None,
         key_grant: None,
+        creates: true,
     };
+    let product = serde_json::to_value(&product).expect("product serialises");
+    let mut events = Some(events);
     let outcome = commands::execute(&state, command, |head| {
-        if head.is_some() {
-            return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
+        // A creation decides once: a fresh id has no head (one that has is a conflict).
+        match (head, events.take()) {
+            (None, Some(events)) => Ok(Decision {
+                expected: 0,
+                events,
+                head: product.clone(),
+                response: product.clone(),
+            }),
+            _ => Err(ApiError::Conflict(FieldError::new("id", "already exists"))),
         }
-        Ok(Decision {
-            expected: 0,
-            events,
-            head: serde_json::to_value(&product).expect("product serialises"),
-            response: serde_json::to_value(&product).expect("product serialises"),
-        })
     })
     .await?;
     Ok(commands::created(outcome, "/products"))
@@ -282,6 +286,7 @@ fn change_of(id: Uuid, route: &'static str, key: Option<String>, hash: Vec<u8>) 
         request_hash: hash,
         email_claim: None,
         key_grant: None,
+        creates: false,
     }
 }
 
@@ -334,8 +339,15 @@ async fn patch_product(
     let command = change_of(id, PATCH_ROUTE, key, hash);
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected, &caller)?;
-        let changes = patch_events(&product, patch);
-        Ok(decide_changes(version, product, changes, correlation_id, &caller.actor())?.0)
+        let changes = patch_events(&product, patch.clone());
+        Ok(decide_changes(
+            version,
+            product,
+            changes,
+            correlation_id.clone(),
+            &caller.actor(),
+        )?
+        .0)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;
@@ -427,7 +439,14 @@ async fn delete_product(
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected, &caller)?;
         let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
-        Ok(decide_changes(version, product, changes, correlation_id, &caller.actor())?.0)
+        Ok(decide_changes(
+            version,
+            product,
+            changes,
+            correlation_id.clone(),
+            &caller.actor(),
+        )?
+        .0)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;

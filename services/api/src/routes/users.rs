@@ -89,6 +89,7 @@ async fn create_user(
         request_hash: hash,
         email_claim: Some(email_lower),
         key_grant: Some((api_key.id, api_key.digest.clone())),
+        creates: true,
     };
     let user = serde_json::to_value(&user).expect("user serialises");
     let outcome = commands::execute(&state, command, |head| {
@@ -99,7 +100,7 @@ async fn create_user(
             expected: 0,
             events: vec![envelope.to_wire()],
             head: user.clone(),
-            response: user,
+            response: user.clone(),
         })
     })
     .await?;
