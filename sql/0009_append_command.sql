@@ -34,7 +34,13 @@ BEGIN
         RETURN 'duplicate';
     END IF;
     IF new_version = p_expected THEN
-        -- A command that changes nothing is recorded (its answer replays) and appends nothing.
+        -- A command that changes nothing is recorded (its answer replays) and appends nothing, if
+        -- the head is still the one it was decided on (else its answer would describe an old state).
+        PERFORM 1 FROM stream_heads WHERE aggregate_id = p_aggregate_id AND version = p_expected;
+        IF NOT FOUND AND p_expected > 0 THEN
+            RAISE EXCEPTION 'stream % is not at version %', p_aggregate_id, p_expected
+                USING ERRCODE = 'CA409';
+        END IF;
         RETURN 'appended';
     END IF;
     IF p_expected = 0 THEN

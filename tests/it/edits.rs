@@ -108,6 +108,66 @@ async fn twenty_patches_with_the_same_if_match_let_exactly_one_through() {
     env.cleanup().await;
 }
 
+/// Each API process remembers the heads it wrote last and decides the next edit on them without
+/// reading; another process's writes make that memory stale. Nothing may be decided wrongly from it: a
+/// current `If-Match` passes, a change is applied to the latest state, "nothing to change" is judged on
+/// the real head, and a product deleted elsewhere is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_through_two_apis_are_decided_on_the_real_head_not_a_stale_one() {
+    let env = TestEnv::new().await;
+    let a = env.spawn_api().await;
+    let b = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let user = a.create_user().await;
+    let id = create_product(&a, &user, &[]).await;
+    // A knows the head at version 3.
+    let (s, _) = patch(&a, &id, &json!({"product_name": "Oak desk"}), Some(2)).await;
+    assert_eq!(s, 200);
+    // B moves it to 4 behind A's back.
+    let (s, _) = patch(&b, &id, &json!({"product_description": "Oiled."}), Some(3)).await;
+    assert_eq!(s, 200);
+
+    // The current version passes on A (its memory says 3).
+    let (s, body) = patch(&a, &id, &json!({"product_price": "5.00"}), Some(4)).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["version"], 5);
+    assert_eq!(
+        body["product_description"], "Oiled.",
+        "applied to the latest state, B's change kept"
+    );
+    // A stale one still fails, naming the real version.
+    let (s, body) = patch(&a, &id, &json!({"product_price": "6.00"}), Some(4)).await;
+    assert_eq!((s, &body["current_version"]), (412, &json!(5)), "{body}");
+
+    // B renames; A, whose memory has the old name, is asked to set the old name back: a change.
+    let (s, _) = patch(&b, &id, &json!({"product_name": "Pine desk"}), None).await;
+    assert_eq!(s, 200);
+    let (s, body) = patch(&a, &id, &json!({"product_name": "Oak desk"}), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (&body["product_name"], &body["version"]),
+        (&json!("Oak desk"), &json!(7))
+    );
+    assert_eq!(stored_sequences(&env, &id).await, [1, 2, 3, 4, 5, 6, 7]);
+
+    // Deleted through B: gone through A as well.
+    let r = b
+        .http
+        .delete(b.url(&format!("/products/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, body) = patch(&a, &id, &json!({"product_name": "Elm desk"}), None).await;
+    assert_eq!(s, 410, "{body}");
+    assert_eq!(stored_sequences(&env, &id).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+    projector.stop().await;
+    b.stop().await;
+    a.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn patch_and_delete_answer_every_error_by_name_and_retry_idempotently() {
     let env = TestEnv::new().await;
