@@ -162,21 +162,7 @@ pub async fn append_command(
     let aggregate_type = events
         .first()
         .map_or("product", |e| e.aggregate_type.as_str());
-    let mut sequences = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut envelopes = Vec::with_capacity(events.len());
-    for (offset, wire) in events.iter().enumerate() {
-        if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "event {} does not continue stream {aggregate_id} at version {expected}",
-                wire.event_id
-            )));
-        }
-        sequences.push(to_i64(wire.sequence));
-        ids.push(wire.event_id);
-        envelopes
-            .push(serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-    }
+    let (sequences, ids, envelopes) = columns(aggregate_id, expected, events.iter())?;
     let statement = client
         .prepare_cached(
             "SELECT catalog_append_command($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
@@ -216,6 +202,32 @@ pub async fn append_command(
         }
         Err(e) => Err(StoreError::Postgres(e)),
     }
+}
+
+/// The `event_store` columns of `events` (sequence, event id, exact JSON), checked to continue the
+/// stream of `aggregate_id` from `expected` without a gap.
+#[allow(clippy::type_complexity)]
+fn columns<'a>(
+    aggregate_id: Uuid,
+    expected: u64,
+    events: impl ExactSizeIterator<Item = &'a events::WireEnvelope>,
+) -> Result<(Vec<i64>, Vec<Uuid>, Vec<String>), StoreError> {
+    let mut sequences = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut envelopes = Vec::with_capacity(events.len());
+    for (offset, wire) in events.enumerate() {
+        if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "event {} does not continue stream {aggregate_id} at version {expected}",
+                wire.event_id
+            )));
+        }
+        sequences.push(to_i64(wire.sequence));
+        ids.push(wire.event_id);
+        envelopes
+            .push(serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    }
+    Ok((sequences, ids, envelopes))
 }
 
 /// Appends `events` to the stream of `aggregate_id`, which must be at version `expected` (0: the
@@ -264,24 +276,9 @@ pub async fn append(
         });
     }
     // One statement for all the events (one round trip), checked against the stream first.
-    let mut sequences = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut envelopes = Vec::with_capacity(events.len());
-    let mut causes = Vec::with_capacity(events.len());
-    for (offset, event) in events.iter().enumerate() {
-        let wire = &event.wire;
-        if wire.aggregate_id != aggregate_id || wire.sequence != expected + 1 + offset as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "event {} does not continue stream {aggregate_id} at version {expected}",
-                wire.event_id
-            )));
-        }
-        sequences.push(to_i64(wire.sequence));
-        ids.push(wire.event_id);
-        envelopes
-            .push(serde_json::to_string(wire).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        causes.push(event.causation_id);
-    }
+    let (sequences, ids, envelopes) =
+        columns(aggregate_id, expected, events.iter().map(|e| &e.wire))?;
+    let causes: Vec<Option<Uuid>> = events.iter().map(|e| e.causation_id).collect();
     tx.execute(
         &tx.prepare_cached("INSERT INTO event_store (aggregate_id, sequence, event_id, aggregate_type, envelope, source,
                                   causation_id)
