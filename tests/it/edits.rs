@@ -108,10 +108,10 @@ async fn twenty_patches_with_the_same_if_match_let_exactly_one_through() {
     env.cleanup().await;
 }
 
-/// Each API process remembers the heads it wrote last and decides the next edit on them without
-/// reading; another process's writes make that memory stale. Nothing may be decided wrongly from it: a
-/// current `If-Match` passes, a change is applied to the latest state, "nothing to change" is judged on
-/// the real head, and a product deleted elsewhere is gone.
+/// Two API processes edit one product behind each other's backs, each deciding on the head it reads
+/// without a lock: nothing may be decided on an old head — a current `If-Match` passes, a change is
+/// applied to the latest state, "nothing to change" is judged on the real head, and a product deleted
+/// elsewhere is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_through_two_apis_are_decided_on_the_real_head_not_a_stale_one() {
     let env = TestEnv::new().await;

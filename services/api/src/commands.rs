@@ -127,43 +127,6 @@ pub(crate) async fn replay_if_known(
     }))
 }
 
-/// Stream heads this process wrote last, so an edit right after a write decides without reading the
-/// head first. Only a hint: the append is a compare-and-set on the head row, so a head another writer
-/// (another API process, the image worker) moved since is refused and the command decides again on
-/// the head read from the database; a refusal (404, 410, 412, 403) is never answered from it.
-#[derive(Default)]
-pub struct HeadHints {
-    heads: std::sync::Mutex<std::collections::HashMap<Uuid, (u64, Value)>>,
-}
-
-/// Most heads kept (then the hints start over).
-const MAX_HEAD_HINTS: usize = 4096;
-
-impl HeadHints {
-    fn get(&self, id: Uuid) -> Option<(u64, Value)> {
-        self.heads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
-    }
-
-    fn put(&self, id: Uuid, version: u64, head: &Value) {
-        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
-        if heads.len() >= MAX_HEAD_HINTS && !heads.contains_key(&id) {
-            heads.clear();
-        }
-        heads.insert(id, (version, head.clone()));
-    }
-
-    fn forget(&self, id: Uuid) {
-        self.heads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-    }
-}
-
 /// How many times a command decides again because other writers moved its stream's head meanwhile,
 /// before it decides once more with the head locked (so a very busy stream still makes progress).
 const OPTIMISTIC_ATTEMPTS: usize = 8;
@@ -180,33 +143,13 @@ pub(crate) async fn execute(
         return execute_locked(state, command, decide).await;
     }
     let client = state.pool.get().await?;
-    let mut hinted = !command.creates;
     for _ in 0..OPTIMISTIC_ATTEMPTS {
-        let hint = if hinted {
-            state.heads.get(command.aggregate_id)
-        } else {
+        let head = if command.creates {
             None
+        } else {
+            event_store::read_head(&client, command.aggregate_id).await?
         };
-        let from_hint = hint.is_some();
-        hinted = false;
-        let head = match hint {
-            Some(head) => Some(head),
-            None if command.creates => None,
-            None => event_store::read_head(&client, command.aggregate_id).await?,
-        };
-        let decision = match decide(head) {
-            // Never refuse, nor answer "nothing to change", on a hint: look at the real head first.
-            Ok(decision) if from_hint && decision.events.is_empty() => {
-                state.heads.forget(command.aggregate_id);
-                continue;
-            }
-            Ok(decision) => decision,
-            Err(_) if from_hint => {
-                state.heads.forget(command.aggregate_id);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let decision = decide(head)?;
         let record = event_store::CommandRecord {
             id: command.id,
             route: command.route,
@@ -227,12 +170,6 @@ pub(crate) async fn execute(
         match written {
             Ok(event_store::CommandWritten::Appended) => {
                 drop(client);
-                if !decision.events.is_empty() {
-                    let version = decision.expected + decision.events.len() as u64;
-                    state
-                        .heads
-                        .put(command.aggregate_id, version, &decision.head);
-                }
                 return published(state, &command, decision).await;
             }
             Ok(event_store::CommandWritten::Duplicate) => {
@@ -243,10 +180,7 @@ pub(crate) async fn execute(
             Err(StoreError::VersionMismatch { .. }) if command.creates => {
                 return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
             }
-            Err(StoreError::VersionMismatch { .. }) => {
-                state.heads.forget(command.aggregate_id);
-                continue;
-            }
+            Err(StoreError::VersionMismatch { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
     }

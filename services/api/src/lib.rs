@@ -338,7 +338,6 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
             ))
         }),
         loads: Arc::default(),
-        heads: Arc::default(),
         auth: Arc::new(auth::Authenticator::new(&config.auth).map_err(StartupError::Auth)?),
         local_images: (!config.local_images_dir.is_empty())
             .then(|| std::path::PathBuf::from(&config.local_images_dir)),

@@ -51,8 +51,6 @@ pub struct Shared {
     pub cache: Option<platform::cache::ProductCache>,
     /// The in-process tier in front of Redis, when enabled.
     pub local: Option<Arc<crate::read::LocalTier>>,
-    /// Heads this process wrote last (a hint for the next command on the stream).
-    pub heads: Arc<crate::commands::HeadHints>,
     /// Concurrent misses of one product share one database read.
     pub loads: Arc<crate::read::SingleFlight>,
     /// Credentials and rate limits.
