@@ -542,7 +542,16 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    eventually_within(what, Duration::from_secs(30), probe).await
+}
+
+/// [`eventually`] with a limit of `limit`.
+pub async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, probe: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(value) = probe().await {
             return value;

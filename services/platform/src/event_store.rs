@@ -82,22 +82,34 @@ pub async fn lock_head<S: DeserializeOwned>(
     tx: &impl GenericClient,
     aggregate_id: Uuid,
 ) -> Result<Option<(u64, S)>, StoreError> {
-    let Some(row) = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "SELECT version, state FROM stream_heads WHERE aggregate_id = $1 FOR UPDATE",
-            )
-            .await?,
-            &[&aggregate_id],
-        )
-        .await?
-    else {
-        return Ok(None);
-    };
-    let version = u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
-    let Json(state): Json<serde_json::Value> = row.get(1);
-    let state = serde_json::from_value(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok(Some((version, state)))
+    let head = head(
+        tx,
+        "SELECT version, state FROM stream_heads WHERE aggregate_id = $1 FOR UPDATE",
+        aggregate_id,
+    )
+    .await?;
+    head.map(|(version, state)| {
+        serde_json::from_value(state)
+            .map(|state| (version, state))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    })
+    .transpose()
+}
+
+/// The head row `query` selects (version and state JSON), if any.
+async fn head(
+    client: &impl GenericClient,
+    query: &str,
+    aggregate_id: Uuid,
+) -> Result<Option<(u64, serde_json::Value)>, StoreError> {
+    let row = client
+        .query_opt(&client.prepare_cached(query).await?, &[&aggregate_id])
+        .await?;
+    Ok(row.map(|row| {
+        let version = u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
+        let Json(state): Json<serde_json::Value> = row.get(1);
+        (version, state)
+    }))
 }
 
 /// The head of stream `aggregate_id` as it is now (no lock): its version and state, or `None` if the
@@ -107,20 +119,12 @@ pub async fn read_head(
     client: &impl GenericClient,
     aggregate_id: Uuid,
 ) -> Result<Option<(u64, serde_json::Value)>, StoreError> {
-    let Some(row) = client
-        .query_opt(
-            &client
-                .prepare_cached("SELECT version, state FROM stream_heads WHERE aggregate_id = $1")
-                .await?,
-            &[&aggregate_id],
-        )
-        .await?
-    else {
-        return Ok(None);
-    };
-    let version = u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
-    let Json(state): Json<serde_json::Value> = row.get(1);
-    Ok(Some((version, state)))
+    head(
+        client,
+        "SELECT version, state FROM stream_heads WHERE aggregate_id = $1",
+        aggregate_id,
+    )
+    .await
 }
 
 /// The command row an API command records with its events (idempotency and the stored answer).

@@ -228,15 +228,16 @@ fn changeable(
     Ok((version, product))
 }
 
-/// Appends `events` (built by `make` from the next sequence numbers) to `product` at `version`, and
-/// returns the decision with the state they fold to.
+/// The decision to append `changes` to `product` at `version` (by `caller`): their envelopes at the
+/// next sequences, and the state they fold to as the new head and the answer.
 fn decide_changes(
     version: u64,
     mut product: ProductState,
     changes: Vec<ProductEvent>,
     correlation_id: Option<String>,
-    actor: &str,
-) -> Result<(Decision, ProductState), ApiError> {
+    caller: &Caller,
+) -> Result<Decision, ApiError> {
+    let actor = caller.actor();
     let now = Utc::now();
     let mut wires = Vec::with_capacity(changes.len());
     for (i, event) in changes.into_iter().enumerate() {
@@ -247,22 +248,19 @@ fn decide_changes(
             correlation_id.clone(),
             event,
         )
-        .with_actor(actor);
+        .with_actor(actor.clone());
         product
             .apply(&envelope)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         wires.push(envelope.to_wire());
     }
     let value = serde_json::to_value(&product).expect("product serialises");
-    Ok((
-        Decision {
-            expected: version,
-            events: wires,
-            head: value.clone(),
-            response: value,
-        },
-        product,
-    ))
+    Ok(Decision {
+        expected: version,
+        events: wires,
+        head: value.clone(),
+        response: value,
+    })
 }
 
 /// The response of a write that leaves the product readable: 200, the product, its `ETag`.
@@ -340,14 +338,7 @@ async fn patch_product(
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected, &caller)?;
         let changes = patch_events(&product, patch.clone());
-        Ok(decide_changes(
-            version,
-            product,
-            changes,
-            correlation_id.clone(),
-            &caller.actor(),
-        )?
-        .0)
+        decide_changes(version, product, changes, correlation_id.clone(), &caller)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;
@@ -439,14 +430,7 @@ async fn delete_product(
     let outcome = commands::execute(&state, command, |head| {
         let (version, product) = changeable(head, expected, &caller)?;
         let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
-        Ok(decide_changes(
-            version,
-            product,
-            changes,
-            correlation_id.clone(),
-            &caller.actor(),
-        )?
-        .0)
+        decide_changes(version, product, changes, correlation_id.clone(), &caller)
     })
     .await?;
     forget_cached(&state, id, &outcome).await;
