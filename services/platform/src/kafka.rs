@@ -686,28 +686,32 @@ pub fn reader(
     cfg: &KafkaConfig,
     client_id: &str,
 ) -> Result<StreamConsumer<DefaultConsumerContext>, KafkaError> {
+    reader_config(cfg, client_id).create()
+}
+
+/// The settings of a [`reader`]: a group id of its own (never joined), no statistics.
+fn reader_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let group = format!("{client_id}-{}", uuid::Uuid::new_v4().simple());
     let mut config = consumer_config(cfg, &group, client_id);
     config.set("statistics.interval.ms", "0");
-    config.create()
+    config
 }
 
-/// Reads which events are in the log, for publishers that must not send an event twice: a consumer
-/// of its own that never joins a group (partitions are assigned by hand, nothing is committed).
+/// Reads which events are in the log, for publishers that must not send an event twice: a
+/// [`reader`] (never joins a group; partitions are assigned by hand, nothing is committed).
 struct LogCheck {
-    consumer: rdkafka::consumer::StreamConsumer<WatchedContext>,
+    consumer: StreamConsumer<DefaultConsumerContext>,
 }
 
 impl LogCheck {
     /// A checker on the brokers of `cfg`.
     fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, rdkafka::error::KafkaError> {
-        let group = format!("{client_id}-log-check-{}", uuid::Uuid::new_v4().simple());
-        let mut config = consumer_config(cfg, &group, client_id);
+        let mut config = reader_config(cfg, client_id);
         // Asked right after a broker comes back: reconnect promptly instead of librdkafka's growing
         // backoff (up to 10 s).
         config.set("reconnect.backoff.max.ms", "500");
         Ok(Self {
-            consumer: config.create_with_context(WatchedContext::default())?,
+            consumer: config.create()?,
         })
     }
 
