@@ -260,13 +260,14 @@ struct Pump {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The parts of an envelope the feed reads; the data sent is the message itself.
+/// The parts of an envelope the feed reads; the data sent is the message itself. The payload is kept
+/// as raw text and read only for the owner of a `ProductCreated` under a `user_id` filter.
 #[derive(Deserialize)]
-struct Head {
+struct Head<'a> {
     event_type: String,
     aggregate_id: Uuid,
-    #[serde(default)]
-    data: serde_json::Value,
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Reads the subscriber's partitions into its buffer until it leaves, is too slow, or the server
@@ -354,15 +355,19 @@ async fn pump(mut p: Pump) {
 async fn owner(
     pool: &deadpool_postgres::Pool,
     owners: &mut HashMap<Uuid, Uuid>,
-    head: &Head,
+    head: &Head<'_>,
 ) -> Option<Uuid> {
+    #[derive(Deserialize)]
+    struct Created {
+        user_id: Uuid,
+    }
     if let Some(owner) = owners.get(&head.aggregate_id) {
         return Some(*owner);
     }
     let found = if head.event_type == "ProductCreated" {
-        head.data["user_id"]
-            .as_str()
-            .and_then(|u| Uuid::parse_str(u).ok())
+        head.data
+            .and_then(|d| serde_json::from_str::<Created>(d.get()).ok())
+            .map(|c| c.user_id)
     } else {
         let client = pool.get().await.ok()?;
         client
