@@ -269,6 +269,18 @@ impl ImageStore {
             .await
     }
 
+    /// The bytes at `key`, bounded by the store's timeout and guarded by its circuit breaker like
+    /// every call a job makes (a store that hangs sends the job to the retry ladder).
+    pub async fn read(&self, key: &str) -> Result<bytes::Bytes, Failure> {
+        let answered = |r: &Result<_, object_store::Error>| {
+            matches!(r, Ok(_) | Err(object_store::Error::NotFound { .. }))
+        };
+        let read = async { self.store.get(&Path::from(key)).await?.bytes().await };
+        self.guarded(read, answered)
+            .await?
+            .map_err(|e| Failure::retryable("storage", format!("image store: {e}")))
+    }
+
     /// The HTTP attributes stored with `key` (tests and operators).
     pub async fn attributes(
         &self,

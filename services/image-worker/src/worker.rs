@@ -157,16 +157,10 @@ async fn process_image(ctx: &Context, image: &ImageRef) -> Result<ImageOutcome, 
                 )
             })
             .collect();
-        let placeholder = match ctx.store.get(&keys[process::placeholder_source()]).await {
-            Ok(thumb) => tokio::task::spawn_blocking(move || process::placeholder(&thumb))
-                .await
-                .ok()
-                .flatten(),
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the stored thumbnail; no placeholder");
-                None
-            }
-        };
+        let thumb = ctx.store.read(&keys[process::placeholder_source()]).await?;
+        let placeholder = tokio::task::spawn_blocking(move || process::placeholder(&thumb))
+            .await
+            .map_err(blocking_failure)?;
         (variants, placeholder)
     } else {
         // Memory first, then a CPU slot: a job waiting for either holds nothing the other waits for.
