@@ -313,7 +313,7 @@ pub(crate) struct IdempotencyKey(
 
 /// The rendered document, shared by the route that serves it.
 #[derive(Clone)]
-pub(crate) struct Rendered(pub(crate) std::sync::Arc<String>);
+pub(crate) struct Rendered(pub(crate) bytes::Bytes);
 
 /// This document (OpenAPI 3.1).
 #[utoipa::path(
@@ -326,7 +326,7 @@ pub(crate) async fn openapi_json(
     use axum::response::IntoResponse;
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        doc.0.as_str().to_owned(),
+        doc.0,
     )
         .into_response()
 }
@@ -337,7 +337,7 @@ pub(crate) fn with_docs<S: Clone + Send + Sync + 'static>(
     routes: utoipa_axum::router::OpenApiRouter<S>,
 ) -> axum::Router<S> {
     let (router, doc) = with_own_route(routes);
-    let rendered = Rendered(std::sync::Arc::new(render(&finish(doc))));
+    let rendered = Rendered(bytes::Bytes::from(render(&finish(doc))));
     let ui = utoipa_swagger_ui::SwaggerUi::new("/docs")
         .config(utoipa_swagger_ui::Config::new(["/openapi.json"]).try_it_out_enabled(true));
     router
