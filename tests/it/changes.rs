@@ -418,3 +418,61 @@ async fn a_slow_subscriber_is_cut_off_with_a_last_event_and_never_slows_another(
     api.stop().await;
     env.cleanup().await;
 }
+
+/// Under a `user_id` filter the feed must know whose product each event is; when PostgreSQL cannot
+/// say (here: the read model is locked past `DB_TIMEOUT_MS`), the event is neither sent nor
+/// skipped: the subscription ends with `unavailable`, and resuming from its `resume_from` delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_feed_that_cannot_look_up_an_owner_ends_and_resumes_without_a_gap() {
+    let env = TestEnv::new().await;
+    let mut config = env.api_config();
+    config.db.timeout_ms = 1000;
+    let api = env.spawn_api_with(config).await;
+    let user = api.create_user().await;
+    // Created before the subscription starts: the feed never sees its ProductCreated, so it must ask
+    // PostgreSQL whose product it is.
+    let id = create(&api, &user).await;
+    let mut feed = Subscriber::open(&api, &format!("?user_id={user}"), None).await;
+    let ready = feed.next(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(ready.event.as_deref(), Some("ready"));
+
+    let mut lock = env.pg().await;
+    let tx = lock.transaction().await.unwrap();
+    // The owner lookup reads the read model first; the write does not touch it (no projector runs).
+    tx.batch_execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let edit = api
+        .http
+        .patch(api.url(&format!("/products/{id}")))
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"product_price":"7.00"}"#);
+    let (written, ended) = tokio::join!(
+        async { edit.send().await.unwrap().status() },
+        feed.next(Duration::from_secs(20))
+    );
+    let ended = ended.expect("the feed says why it ends");
+    tx.rollback().await.unwrap();
+    drop(lock);
+    assert_eq!(written, 200);
+    assert_eq!(ended.event.as_deref(), Some("unavailable"), "{ended:?}");
+    let body: Value = serde_json::from_str(&ended.data).unwrap();
+    let resume_from = body["resume_from"].as_str().unwrap();
+    assert_eq!(
+        Some(resume_from),
+        ready.id.as_deref(),
+        "nothing was delivered"
+    );
+    assert!(
+        feed.next(Duration::from_secs(2)).await.is_none(),
+        "and it ended"
+    );
+
+    let mut again = Subscriber::open(&api, &format!("?user_id={user}"), Some(resume_from)).await;
+    let got = again.until(|e| !e.is_empty()).await;
+    assert_eq!(got[0].1["event_type"], "ProductUpdated");
+    assert_eq!(got[0].1["aggregate_id"], id.as_str());
+
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -104,7 +104,8 @@ impl Cursor {
 enum Ending {
     /// The subscriber left the buffer full too long.
     Overflow { resume_from: String },
-    /// The broker stopped answering this subscription.
+    /// The broker stopped answering this subscription, or PostgreSQL the owner lookup of its
+    /// `user_id` filter.
     Unavailable { resume_from: String },
 }
 
@@ -124,8 +125,8 @@ enum Ending {
         (status = 200, description = "`text/event-stream`. First a `ready` event whose `id` is the \
             starting position; then one event per change (`data`: the envelope JSON, `id`: the \
             position after it). A subscriber too slow to read its buffer receives an `overflow` event \
-            (`data.resume_from`) and is disconnected; `unavailable` likewise when the broker stops \
-            answering. Comments every 15 s keep idle connections open.",
+            (`data.resume_from`) and is disconnected; `unavailable` likewise when the broker (or, \
+            under a `user_id` filter, the database) stops answering. Comments every 15 s keep idle connections open.",
             content_type = "text/event-stream", body = String),
         (status = 422, description = "A malformed `user_id` or `Last-Event-ID`, named \
             (`validation_failed`).", body = ErrorBody),
@@ -178,6 +179,7 @@ async fn changes(
         cursor: start.clone(),
         user,
         pool: state.read_pool.clone(),
+        db_timeout: state.db_timeout,
         events,
         end,
         slow_after: feed.slow_after,
@@ -253,6 +255,7 @@ struct Pump {
     cursor: Cursor,
     user: Option<Uuid>,
     pool: deadpool_postgres::Pool,
+    db_timeout: Duration,
     events: mpsc::Sender<Event>,
     end: oneshot::Sender<Ending>,
     slow_after: Duration,
@@ -319,8 +322,17 @@ async fn pump(mut p: Pump) {
             continue;
         };
         if let Some(user) = p.user {
-            if owner(&p.pool, &mut owners, &head).await != Some(user) {
-                continue;
+            match owner(&p.pool, p.db_timeout, &mut owners, &head).await {
+                Ok(Some(owner)) if owner == user => {}
+                Ok(_) => continue,
+                // Not knowing whose it is, the event can be neither sent nor skipped: end here, and
+                // the subscriber resumes from the last event it has.
+                Err(error) => {
+                    tracing::warn!(%error, "change feed: cannot look up a product's owner");
+                    break Some(Ending::Unavailable {
+                        resume_from: delivered,
+                    });
+                }
             }
         }
         let id = p.cursor.encode();
@@ -351,44 +363,53 @@ async fn pump(mut p: Pump) {
 }
 
 /// The owner of the product `head` belongs to: from its `ProductCreated`, remembered; else from the
-/// read model or the event store (for subscriptions that start after the product was created).
+/// read model or the event store (for subscriptions that start after the product was created), within
+/// `timeout`. `Ok(None)`: no one's (a product neither knows). `Err`: PostgreSQL did not answer.
 async fn owner(
     pool: &deadpool_postgres::Pool,
+    timeout: Duration,
     owners: &mut HashMap<Uuid, Uuid>,
     head: &Head<'_>,
-) -> Option<Uuid> {
+) -> Result<Option<Uuid>, String> {
     #[derive(Deserialize)]
     struct Created {
         user_id: Uuid,
     }
     if let Some(owner) = owners.get(&head.aggregate_id) {
-        return Some(*owner);
+        return Ok(Some(*owner));
     }
     let found = if head.event_type == "ProductCreated" {
         head.data
             .and_then(|d| serde_json::from_str::<Created>(d.get()).ok())
             .map(|c| c.user_id)
     } else {
-        let client = pool.get().await.ok()?;
-        client
-            .query_opt(
-                "SELECT user_id FROM products WHERE id = $1
-                 UNION ALL
-                 SELECT ((envelope::jsonb) -> 'data' ->> 'user_id')::uuid
-                   FROM event_store WHERE aggregate_id = $1 AND sequence = 1
-                 LIMIT 1",
-                &[&head.aggregate_id],
-            )
+        let lookup = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let row = client
+                .query_opt(
+                    "SELECT user_id FROM products WHERE id = $1
+                     UNION ALL
+                     SELECT ((envelope::jsonb) -> 'data' ->> 'user_id')::uuid
+                       FROM event_store WHERE aggregate_id = $1 AND sequence = 1
+                     LIMIT 1",
+                    &[&head.aggregate_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(row.map(|row| row.get(0)))
+        };
+        tokio::time::timeout(timeout, lookup)
             .await
-            .ok()
-            .flatten()
-            .map(|row| row.get(0))
-    }?;
+            .map_err(|_| "the owner lookup timed out".to_owned())??
+    };
+    let Some(found) = found else {
+        return Ok(None);
+    };
     if owners.len() >= MAX_OWNERS {
         owners.clear();
     }
     owners.insert(head.aggregate_id, found);
-    Some(found)
+    Ok(Some(found))
 }
 
 /// The subscriber's stream: `ready`, then the buffered events, then the ending, if any.
@@ -423,7 +444,8 @@ fn stream(
                             "this subscriber did not read its events fast enough and is disconnected; \
                              reconnect with Last-Event-ID to resume"
                         } else {
-                            "the broker stopped answering; reconnect with Last-Event-ID to resume"
+                            "the broker or the database stopped answering; reconnect with \
+                             Last-Event-ID to resume"
                         };
                         let event = Event::default()
                             .event(name)
