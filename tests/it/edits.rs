@@ -108,6 +108,37 @@ async fn twenty_patches_with_the_same_if_match_let_exactly_one_through() {
     env.cleanup().await;
 }
 
+/// A command that loses every optimistic race (each attempt decides on a head another writer has
+/// just moved) decides once more with the head locked: it is applied once, at the next sequence, on
+/// the real state — never refused, never doubled.
+#[tokio::test]
+async fn a_command_that_keeps_losing_the_race_is_decided_on_the_locked_head() {
+    let env = TestEnv::new().await;
+    let healthy = env.spawn_api().await;
+    let mut unlucky = env.api_config();
+    unlucky.fault = Some(api::Fault::LoseEveryRace);
+    let unlucky = env.spawn_api_with(unlucky).await;
+    let user = healthy.create_user().await;
+    let id = create_product(&healthy, &user, &[]).await;
+
+    let (status, body) = patch(&unlucky, &id, &json!({"product_price": "12.50"}), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 3);
+    assert_eq!(body["product_price"], "12.50");
+    assert_eq!(body["product_name"], "Lamp", "applied to the real state");
+    let (status, body) = patch(&unlucky, &id, &json!({"product_name": "Desk lamp"}), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 4);
+    assert_eq!(
+        (&body["product_name"], &body["product_price"]),
+        (&json!("Desk lamp"), &json!("12.50"))
+    );
+    assert_eq!(stored_sequences(&env, &id).await, [1, 2, 3, 4]);
+    unlucky.stop().await;
+    healthy.stop().await;
+    env.cleanup().await;
+}
+
 /// Two API processes edit one product behind each other's backs, each deciding on the head it reads
 /// without a lock: nothing may be decided on an old head — a current `If-Match` passes, a change is
 /// applied to the latest state, "nothing to change" is judged on the real head, and a product deleted

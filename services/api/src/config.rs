@@ -114,6 +114,9 @@ pub enum Fault {
     /// After a command's events are committed to the event store, behave as if the process died before
     /// producing any of them (the relay of a later process must publish them).
     DieBeforePublish,
+    /// Every optimistic attempt of an edit is answered as if its compare-and-set found the head moved
+    /// (another writer appended first), so the command falls back to deciding on a locked head.
+    LoseEveryRace,
 }
 
 impl Config {
