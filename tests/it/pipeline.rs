@@ -767,6 +767,95 @@ async fn a_hung_image_store_sends_jobs_to_the_retry_ladder_at_once() {
     env.cleanup().await;
 }
 
+/// `http://ADDR` of a proxy to the S3 server at `target` that forwards every request but reads: a
+/// GET is held open and never answered (a store whose metadata answers while its reads hang); and a
+/// count of the HEADs it answered 200 (objects found).
+async fn store_with_hung_reads(target: String) -> (String, Arc<AtomicU32>) {
+    let found = Arc::new(AtomicU32::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let client = reqwest::Client::new();
+    let counter = found.clone();
+    let forward = move |request: axum::extract::Request| {
+        let (client, target, found) = (client.clone(), target.clone(), counter.clone());
+        async move {
+            if request.method() == axum::http::Method::GET {
+                std::future::pending::<()>().await;
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            // Headers as signed (Host included: the signature covers it); lengths are set anew.
+            let mut call = client
+                .request(parts.method.clone(), format!("{target}{path}"))
+                .body(body);
+            for (name, value) in &parts.headers {
+                if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+                    call = call.header(name, value);
+                }
+            }
+            let answer = call.send().await.unwrap();
+            let head = parts.method == axum::http::Method::HEAD;
+            if head && answer.status().is_success() {
+                found.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut response = Response::builder().status(answer.status().as_u16());
+            for (name, value) in answer.headers() {
+                // A HEAD answer's length is the object's; any other is the body's own.
+                if (head || name != header::CONTENT_LENGTH) && name != header::TRANSFER_ENCODING {
+                    response = response.header(name, value);
+                }
+            }
+            let bytes = answer.bytes().await.unwrap();
+            response.body(axum::body::Body::from(bytes)).unwrap()
+        }
+    };
+    let app = Router::new().fallback(forward);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, found)
+}
+
+/// When every variant of an image is already stored, the worker reads the stored thumbnail back for
+/// the placeholder: a store that answers that it has the objects but never sends their bytes must
+/// cost a timeout and send the job to the retry ladder, like any other store call — not hang it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_reads_hang_after_its_metadata_answers_costs_a_timeout() {
+    let env = TestEnv::new().await;
+    let server = ImageServer::start(0).await;
+    let api = env.spawn_api().await;
+    let projector = env.spawn_projector();
+    let user = api.create_user().await;
+    let url = server.url("/photo/hung-read.jpg");
+    // A first product stores the image's variants through a healthy store.
+    let worker = env.spawn_worker_with(env.worker_config());
+    let first = create_product(&api, &user, std::slice::from_ref(&url)).await;
+    assert_eq!(
+        settled(&api, &first, 3).await["images"][0]["status"],
+        "ready"
+    );
+    worker.stop().await;
+
+    // The same source in a second product, through a store whose reads hang.
+    let mut config = env.worker_config();
+    let (endpoint, found) = store_with_hung_reads(crate::helpers::s3_endpoint()).await;
+    config.store.endpoint = endpoint;
+    config.store.store_timeout_ms = 300;
+    let worker = env.spawn_worker_with(config);
+    let second = create_product(&api, &user, &[url]).await;
+    let product = settled(&api, &second, 3).await;
+    let image = &product["images"][0];
+    assert_eq!(image["status"], "failed", "{product}");
+    assert_eq!(image["error_class"], "storage", "{product}");
+    assert!(
+        found.load(Ordering::Relaxed) >= 4,
+        "the store answered that every variant is there (it is the read that hangs)"
+    );
+    worker.stop().await;
+    projector.stop().await;
+    api.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_image_origin_is_skipped_after_a_few_timeouts_and_other_origins_are_not_delayed() {
     let env = TestEnv::new().await;
