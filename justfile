@@ -16,6 +16,7 @@ dev:
 # Run every test against real PostgreSQL, Redis and a fresh in-memory broker.
 test:
     scripts/check-services.sh
+    scripts/broker.sh ensure >/dev/null
     scripts/broker.sh restart test {{test_broker_port}}
     scripts/s3.sh start {{s3_port}}
     scripts/ensure-chromium.sh

@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # The Kafka-protocol broker for development and tests: Tansu (see docs in README "Infrastructure").
 #
-#   scripts/broker.sh ensure              install tansu if no copy can be found (idempotent)
+#   scripts/broker.sh ensure              build the patched tansu the tests need unless built (idempotent)
 #   scripts/broker.sh start NAME PORT     start a broker named NAME on 127.0.0.1:PORT unless one listens
 #   scripts/broker.sh restart NAME PORT   stop NAME (and any tansu on PORT) if running, start it fresh (empty)
 #   scripts/broker.sh stop NAME           stop NAME
 #
 # State (pid, log) lives in .run/NAME/ under the repository. Storage is in memory: a restart is empty.
+#
+# The broker is tansu 0.6.0 from crates.io with our patches (scripts/tansu/<crate>.patch: its group
+# coordinator keeps a dead group leader for good, and it cannot describe groups; README
+# "Infrastructure") built once per machine into
+# ~/.cache/catalog/tansu/<patch hash>/ (about 10 minutes on 2 cores). Tests need that build; `just dev`
+# and benchmarks use it when it is there and otherwise a stock tansu (on PATH or ../shared/bin/tansu),
+# so a first `just dev` does not wait for a compile. TANSU_BIN overrides both.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TANSU_VERSION=0.6.0
 
-find_tansu() {
+patches_hash() { cat "$root"/scripts/tansu/*.patch | sha256sum | cut -c1-16; }
+patched_bin() { echo "${CATALOG_CACHE:-$HOME/.cache/catalog}/tansu/$TANSU_VERSION-$(patches_hash)/bin/tansu"; }
+
+# The stock release: a tansu on PATH, else the machine's prebuilt copy, else one installed by cargo.
+stock_tansu() {
     if command -v tansu >/dev/null 2>&1; then command -v tansu; return; fi
     local candidate
     for candidate in "$root/../shared/bin/tansu" "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"; do
@@ -21,11 +32,57 @@ find_tansu() {
     return 1
 }
 
+find_tansu() {
+    if [ -n "${TANSU_BIN:-}" ]; then echo "$TANSU_BIN"; return; fi
+    local patched; patched="$(patched_bin)"
+    if [ -x "$patched" ]; then echo "$patched"; return; fi
+    stock_tansu
+}
+
+# crates.io's checksum of a crate file, from the sparse index (what cargo itself checks).
+index_checksum() {
+    local name=$1 version=$2
+    curl -sSf "https://index.crates.io/${name:0:2}/${name:2:2}/$name" |
+        python3 -c 'import json,sys; v=sys.argv[1]; print(next(e["cksum"] for e in map(json.loads, sys.stdin) if e["vers"]==v))' "$version"
+}
+
+fetch_crate() {
+    local name=$1 dir=$2 file="$2/$1-$TANSU_VERSION.crate"
+    curl -sSfL -o "$file" "https://static.crates.io/crates/$name/$name-$TANSU_VERSION.crate"
+    local want; want="$(index_checksum "$name" "$TANSU_VERSION")"
+    echo "$want  $file" | sha256sum -c --quiet - >&2
+    tar xzf "$file" -C "$dir"
+}
+
+# Build tansu with each patched crate (scripts/tansu/<crate>.patch): tansu's own published Cargo.lock
+# pins every other dependency; only the patched crates' entries change (a path instead of the registry).
+build_patched() {
+    local bin; bin="$(patched_bin)"
+    local work; work="$(dirname "$(dirname "$bin")")/build"
+    echo "broker: building tansu $TANSU_VERSION with scripts/tansu/*.patch into $(dirname "$bin") (about 10 minutes on 2 cores, once per machine)" >&2
+    rm -rf "$work"; mkdir -p "$work"
+    fetch_crate tansu "$work"
+    printf '\n[patch.crates-io]\n' >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
+    local patch crate
+    for patch in "$root"/scripts/tansu/*.patch; do
+        crate="$(basename "$patch" .patch)"
+        fetch_crate "$crate" "$work"
+        (cd "$work/$crate-$TANSU_VERSION" && GIT_CEILING_DIRECTORIES="$work" git apply "$patch")
+        printf '%s = { path = "../%s-%s" }\n' "$crate" "$crate" "$TANSU_VERSION" \
+            >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
+    done
+    # `memory://` (the tests' storage) needs the dynostore feature; nothing else is needed.
+    (cd "$work/tansu-$TANSU_VERSION" &&
+        env -u CARGO_TARGET_DIR cargo build --release --quiet --no-default-features --features dynostore \
+            --target-dir "$work/target" >&2)
+    mkdir -p "$(dirname "$bin")"
+    cp "$work/target/release/tansu" "$bin.tmp" && mv "$bin.tmp" "$bin"
+    rm -rf "$work"
+}
+
 ensure() {
-    if find_tansu >/dev/null; then return; fi
-    echo "broker: no tansu found; installing tansu $TANSU_VERSION with cargo (about 30 minutes on 2 cores)" >&2
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql,postgres >&2
-    find_tansu >/dev/null
+    if [ -n "${TANSU_BIN:-}" ] || [ -x "$(patched_bin)" ]; then return; fi
+    build_patched
 }
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -33,8 +90,7 @@ listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 start() {
     local name=$1 port=$2 dir="$root/.run/$1"
     if listening "$port"; then echo "broker: $name already listening on 127.0.0.1:$port"; return; fi
-    ensure
-    local bin; bin="$(find_tansu)"
+    local bin; bin="$(find_tansu)" || { ensure; bin="$(find_tansu)"; }
     mkdir -p "$dir"
     # Minimal environment: tansu reads a .env in its working directory and many variables.
     (cd "$dir" && exec env -i PATH="/usr/bin:/bin" HOME="$HOME" RUST_LOG=warn \

@@ -24,7 +24,8 @@ pub struct Row {
     /// Where `position` comes from: `postgres` (the projector's stored offsets, exact) or `kafka`
     /// (the group's committed offset).
     pub source: &'static str,
-    /// The member that holds the partition now (`client id @ host`), when the broker says.
+    /// The member that holds the partition now (its member id, which on Apache Kafka begins with the
+    /// client id, and `@host` when the broker knows it), when the broker says.
     pub owner: Option<String>,
 }
 
@@ -141,7 +142,10 @@ fn owners(
             let Some(assignment) = member.assignment() else {
                 continue;
             };
-            let who = format!("{}@{}", member.client_id(), member.client_host());
+            let who = match member.client_host() {
+                "" => member.id().to_owned(),
+                host => format!("{}@{host}", member.id()),
+            };
             for (topic, partition) in parse_assignment(assignment).unwrap_or_default() {
                 owners.insert((topic, partition), who.clone());
             }
