@@ -19,7 +19,7 @@ use rdkafka::Message;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::helpers::TEST_ADMIN_KEY;
+use crate::helpers::{TEST_ADMIN_KEY, eventually_within};
 use crate::pipeline::ImageServer;
 use crate::procs::{PrivateBroker, PrivateRedis, PrivateS3, free_port, signal};
 
@@ -224,6 +224,21 @@ impl Service {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The partitions of `topic` the process has logged starting to consume (`partition started`,
+    /// with the offset it started from).
+    fn started(&self, topic: &str) -> HashSet<i64> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| {
+                l["fields"]["message"] == "partition started"
+                    && l["fields"]["kafka.topic"] == topic
+                    && l["fields"]["kafka.offset"].is_i64()
+            })
+            .filter_map(|l| l["fields"]["kafka.partition"].as_i64())
+            .collect()
     }
 
     /// Waits until the process has logged a non-empty partition assignment.
@@ -637,6 +652,14 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         .wait_for_assignment_after(seen, Duration::from_secs(25))
         .await;
     note(&mut faults, "the surviving image worker took over");
+    // ... and logs where it started each partition it now holds (the load keeps every one busy).
+    let survivor = &worker;
+    eventually_within(
+        "the survivor logs the start offset of every products partition",
+        Duration::from_secs(20),
+        || async { (survivor.started("chaos.catalog.products").len() == 3).then_some(()) },
+    )
+    .await;
     pause(2_000, 4_000).await;
     pg.ctl("restart");
     note(&mut faults, "PostgreSQL restart");

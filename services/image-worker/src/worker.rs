@@ -805,7 +805,10 @@ pub async fn run_jobs(
                         continue;
                     }
                     received = consumer.recv() => match received {
-                        Ok(m) => m.detach(),
+                        Ok(m) => {
+                            consumer.context().started(&m);
+                            m.detach()
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "kafka consume error");
                             continue;
@@ -870,7 +873,10 @@ async fn retry_loop(
             }
             received = consumer.recv() => {
                 let message = match received {
-                    Ok(m) => m.detach(),
+                    Ok(m) => {
+                        consumer.context().started(&m);
+                        m.detach()
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "kafka consume error");
                         continue;

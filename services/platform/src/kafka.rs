@@ -463,19 +463,49 @@ pub enum AssignmentChange {
 }
 
 /// The context of the group consumers without special start offsets: logs every assignment and
-/// revocation (with partitions), tracks [`GroupHealth`], and queues the changes for the consume loop
-/// ([`WatchedContext::take_changes`]) so per-partition state can follow the assignment.
+/// revocation (with partitions) and the offset each newly assigned partition starts from (its
+/// first message, [`WatchedContext::started`]), tracks [`GroupHealth`], and queues the changes for the
+/// consume loop ([`WatchedContext::take_changes`]) so per-partition state can follow the assignment.
 #[derive(Clone, Default)]
 pub struct WatchedContext {
     /// Group membership health.
     pub health: GroupHealth,
     changes: std::sync::Arc<std::sync::Mutex<Vec<AssignmentChange>>>,
+    /// Assigned partitions whose first message has not been seen yet.
+    starting: std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    any_starting: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WatchedContext {
     /// The assignment changes since the last call, oldest first.
     pub fn take_changes(&self) -> Vec<AssignmentChange> {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Call with every message consumed: the first one of a newly assigned partition is logged as
+    /// where that partition started (`partition started`, with its offset). One atomic load
+    /// otherwise.
+    pub fn started(&self, message: &impl rdkafka::Message) {
+        use std::sync::atomic::Ordering;
+        if !self.any_starting.load(Ordering::Acquire) {
+            return;
+        }
+        let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let (topic, partition) = (message.topic(), message.partition());
+        if let Some(at) = starting
+            .iter()
+            .position(|(t, p)| t == topic && *p == partition)
+        {
+            starting.swap_remove(at);
+            tracing::info!(
+                kafka.topic = topic,
+                kafka.partition = partition,
+                kafka.offset = message.offset(),
+                "partition started"
+            );
+        }
+        self.any_starting
+            .store(!starting.is_empty(), Ordering::Release);
     }
 }
 
@@ -496,11 +526,19 @@ impl rdkafka::consumer::ConsumerContext for WatchedContext {
             Rebalance::Assign(tpl) => {
                 let partitions = partitions_of(tpl);
                 tracing::info!(kafka.partitions = ?partitions, "partitions assigned");
+                let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+                starting.extend(partitions.iter().cloned());
+                self.any_starting
+                    .store(!starting.is_empty(), std::sync::atomic::Ordering::Release);
                 AssignmentChange::Assigned(partitions)
             }
             Rebalance::Revoke(tpl) => {
                 let partitions = partitions_of(tpl);
                 tracing::info!(kafka.partitions = ?partitions, "partitions revoked");
+                let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+                starting.retain(|p| !partitions.contains(p));
+                self.any_starting
+                    .store(!starting.is_empty(), std::sync::atomic::Ordering::Release);
                 AssignmentChange::Revoked(partitions)
             }
             Rebalance::Error(error) => {

@@ -114,7 +114,10 @@ async fn consume(
                 continue;
             }
             m = consumer.recv() => match m {
-                Ok(m) => m.detach(),
+                Ok(m) => {
+                    consumer.context().started(&m);
+                    m.detach()
+                }
                 Err(error) => {
                     tracing::warn!(%error, "kafka consume error");
                     continue;
