@@ -310,7 +310,9 @@ async fn lag_shows_what_the_projector_has_left_per_partition_and_reaches_zero() 
 }
 
 /// `catalogctl lag` names the member holding each partition (the broker's group description), and
-/// follows the partitions to another member when their holder leaves.
+/// follows the partitions to another member when their holder leaves. (Not a split between two
+/// members: the projector reads two topics, and when a second member joins a settled group the
+/// cooperative-sticky assignor may move one whole topic to it, leaving this one unsplit.)
 #[tokio::test]
 async fn lag_names_the_member_holding_each_partition() {
     let env = TestEnv::new().await;
