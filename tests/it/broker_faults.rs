@@ -278,3 +278,37 @@ async fn the_relay_does_not_send_again_what_already_reached_the_log() {
     assert_eq!(crate::helpers::keyed(&messages, &id.to_string()).len(), 2);
     env.cleanup().await;
 }
+
+/// A write abandoned after its change is recorded — the client hangs up, or the request times out,
+/// while the broker is slow to acknowledge — is still published by the process that recorded it, as
+/// soon as the broker answers: not left for the relay (switched off here) to find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_its_process() {
+    let broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let mut config = env.api_config();
+    config.request_timeout_ms = 1_000;
+    config.outbox_interval_ms = 3_600_000;
+    let api = env.spawn_api_with(config).await;
+    let user = api.create_user().await;
+
+    broker.pause();
+    let (_, status) = post_product(&api, &user).await;
+    assert_eq!(status, 503, "the request timed out waiting for the broker");
+    let recorded = product_commands(&env).await;
+    assert_eq!(
+        recorded.len(),
+        1,
+        "the change was recorded before the timeout"
+    );
+    assert!(!recorded[0].1, "and not published yet");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.resume();
+
+    eventually("the abandoned write's events are published", || async {
+        product_commands(&env).await[0].1.then_some(())
+    })
+    .await;
+    api.stop().await;
+    env.cleanup().await;
+}

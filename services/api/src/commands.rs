@@ -12,7 +12,8 @@
 //!    which also claims an e-mail address and issues a key, does the same steps in one transaction
 //!    holding the head locked (`platform::event_store::lock_head`);
 //! 2. after the commit the stream's unpublished events are produced in sequence order, each
-//!    acknowledged before the next (`platform::event_store::publish_stream`).
+//!    acknowledged before the next (`platform::event_store::publish_stream`), in a task of its own:
+//!    a client that hangs up (or the request timeout) does not stop it.
 //!
 //! - A client retry with the same `Idempotency-Key` and body gets the stored response and appends
 //!   nothing (publishing first what the first attempt may have left unpublished).
@@ -119,7 +120,8 @@ pub(crate) async fn replay_if_known(
         return Err(ApiError::IdempotencyKeyReused);
     }
     if let Some(aggregate_id) = row.get::<_, Option<Uuid>>(2) {
-        publish(state, aggregate_id).await?;
+        let task = state.clone();
+        to_the_end(async move { publish(&task, aggregate_id).await }).await?;
     }
     Ok(Some(Outcome {
         body: row.get(1),
@@ -211,20 +213,25 @@ async fn published(
             "injected fault: died after the commit, before publishing".into(),
         ));
     }
-    if decision.expected == 0 && !decision.events.is_empty() {
-        guarded(
-            state,
-            event_store::publish_new_stream(
-                &state.pool,
-                &state.producer,
-                &state.topics,
-                &decision.events,
-                EVENT_SOURCE,
-            ),
-        )
+    if !decision.events.is_empty() {
+        let (task, aggregate_id, creates) =
+            (state.clone(), command.aggregate_id, decision.expected == 0);
+        let events = decision.events;
+        to_the_end(async move {
+            if creates {
+                let publish = event_store::publish_new_stream(
+                    &task.pool,
+                    &task.producer,
+                    &task.topics,
+                    &events,
+                    EVENT_SOURCE,
+                );
+                guarded(&task, publish).await
+            } else {
+                publish(&task, aggregate_id).await
+            }
+        })
         .await?;
-    } else if !decision.events.is_empty() {
-        publish(state, command.aggregate_id).await?;
     }
     Ok(Outcome {
         body: decision.response,
@@ -319,6 +326,18 @@ async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
         event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id),
     )
     .await
+}
+
+/// Runs `work` (publishing what a command recorded) to its end even if the request is abandoned: a
+/// client that hangs up, or the request timeout, drops the handler's future, and with it anything it
+/// awaits. The change is already decided and recorded by then, so it is published now rather than
+/// left to the relay (which must first scan the log for what might have landed).
+async fn to_the_end(
+    work: impl std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+) -> Result<(), ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("publishing task: {e}")))?
 }
 
 /// Runs a publish through the broker's circuit breaker. While the broker keeps failing, a write does

@@ -60,6 +60,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0009_append_command.sql",
         sql: include_str!("../../../sql/0009_append_command.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_unpublished_by_stream.sql",
+        sql: include_str!("../../../sql/0010_unpublished_by_stream.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.
