@@ -19,7 +19,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TANSU_VERSION=0.6.0
 
-patches_hash() { cat "$root"/scripts/tansu/*.patch | sha256sum | cut -c1-16; }
+# Bump when the build itself changes (features, command), so a machine builds anew.
+BUILD_RECIPE=1
+patches_hash() { { echo "recipe $BUILD_RECIPE"; cat "$root"/scripts/tansu/*.patch; } | sha256sum | cut -c1-16; }
 patched_bin() { echo "${CATALOG_CACHE:-$HOME/.cache/catalog}/tansu/$TANSU_VERSION-$(patches_hash)/bin/tansu"; }
 
 # The stock release: a tansu on PATH, else the machine's prebuilt copy, else one installed by cargo.
@@ -42,13 +44,13 @@ find_tansu() {
 # crates.io's checksum of a crate file, from the sparse index (what cargo itself checks).
 index_checksum() {
     local name=$1 version=$2
-    curl -sSf "https://index.crates.io/${name:0:2}/${name:2:2}/$name" |
+    curl -sSf --retry 3 "https://index.crates.io/${name:0:2}/${name:2:2}/$name" |
         python3 -c 'import json,sys; v=sys.argv[1]; print(next(e["cksum"] for e in map(json.loads, sys.stdin) if e["vers"]==v))' "$version"
 }
 
 fetch_crate() {
     local name=$1 dir=$2 file="$2/$1-$TANSU_VERSION.crate"
-    curl -sSfL -o "$file" "https://static.crates.io/crates/$name/$name-$TANSU_VERSION.crate"
+    curl -sSfL --retry 3 -o "$file" "https://static.crates.io/crates/$name/$name-$TANSU_VERSION.crate"
     local want; want="$(index_checksum "$name" "$TANSU_VERSION")"
     echo "$want  $file" | sha256sum -c --quiet - >&2
     tar xzf "$file" -C "$dir"
@@ -58,9 +60,13 @@ fetch_crate() {
 # pins every other dependency; only the patched crates' entries change (a path instead of the registry).
 build_patched() {
     local bin; bin="$(patched_bin)"
-    local work; work="$(dirname "$(dirname "$bin")")/build"
+    local tool
+    for tool in curl python3 git cargo cc sha256sum; do
+        command -v "$tool" >/dev/null || { echo "broker: building the test broker needs $tool" >&2; return 1; }
+    done
+    mkdir -p "$(dirname "$bin")"
+    local work; work="$(mktemp -d "$(dirname "$(dirname "$bin")")/build.XXXXXX")"
     echo "broker: building tansu $TANSU_VERSION with scripts/tansu/*.patch into $(dirname "$bin") (about 10 minutes on 2 cores, once per machine)" >&2
-    rm -rf "$work"; mkdir -p "$work"
     fetch_crate tansu "$work"
     printf '\n[patch.crates-io]\n' >>"$work/tansu-$TANSU_VERSION/Cargo.toml"
     local patch crate
@@ -75,14 +81,20 @@ build_patched() {
     (cd "$work/tansu-$TANSU_VERSION" &&
         env -u CARGO_TARGET_DIR cargo build --release --quiet --no-default-features --features dynostore \
             --target-dir "$work/target" >&2)
-    mkdir -p "$(dirname "$bin")"
-    cp "$work/target/release/tansu" "$bin.tmp" && mv "$bin.tmp" "$bin"
+    cp "$work/target/release/tansu" "$bin.tmp.$$"
+    mv "$bin.tmp.$$" "$bin"
     rm -rf "$work"
 }
 
+# One build per machine even when several test processes ask at once: the others wait for it.
 ensure() {
     if [ -n "${TANSU_BIN:-}" ] || [ -x "$(patched_bin)" ]; then return; fi
-    build_patched
+    local lock; lock="$(dirname "$(dirname "$(patched_bin)")")"
+    mkdir -p "$lock"
+    (
+        flock 9
+        if [ ! -x "$(patched_bin)" ]; then build_patched; fi
+    ) 9>"$lock.lock"
 }
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

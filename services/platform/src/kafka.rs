@@ -483,8 +483,8 @@ impl WatchedContext {
     }
 
     /// Call with every message consumed: the first one of a newly assigned partition is logged as
-    /// where that partition started (`partition started`, with its offset). One atomic load
-    /// otherwise.
+    /// where that partition started (`partition started`, with its offset). Once every assigned
+    /// partition has started, one atomic load.
     pub fn started(&self, message: &impl rdkafka::Message) {
         use std::sync::atomic::Ordering;
         if !self.any_starting.load(Ordering::Acquire) {
