@@ -312,3 +312,71 @@ async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_
     api.stop().await;
     env.cleanup().await;
 }
+
+/// A creation retried with its `Idempotency-Key` while the first attempt's publish is still waiting
+/// for a stalled broker (the first request timed out; its publish goes on): the retry waits for that
+/// publish instead of producing the stream's events a second time. Each event is in the log once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log_once() {
+    let broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let mut config = env.api_config();
+    config.request_timeout_ms = 1_000;
+    config.outbox_interval_ms = 3_600_000;
+    let api = env.spawn_api_with(config).await;
+    let user = api.create_user().await;
+
+    broker.pause();
+    let key = Uuid::new_v4().to_string();
+    let attempt = || {
+        api.http
+            .post(api.url("/products"))
+            .header("idempotency-key", &key)
+            .json(&product_body(&user))
+            .send()
+    };
+    let first = attempt().await.unwrap().status().as_u16();
+    assert_eq!(
+        first, 503,
+        "the first attempt timed out waiting for the broker"
+    );
+    let retry = attempt().await.unwrap().status().as_u16();
+    assert_eq!(retry, 503, "so does the retry, while the broker is away");
+    broker.resume();
+
+    eventually("the creation is published", || async {
+        let streams = product_commands(&env).await;
+        (streams.len() == 1 && streams[0].1).then_some(())
+    })
+    .await;
+    let id = product_commands(&env).await[0].0.to_string();
+    // Long enough for a second copy, had one been sent, to land; then a sentinel behind everything in
+    // the stream's partition, so the read below sees all of it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let messages = env
+        .read_products_topic(|m| crate::helpers::keyed(m, &id).len() >= 2)
+        .await;
+    let partition = crate::helpers::keyed(&messages, &id)[0].partition();
+    platform::kafka::producer(&env.kafka(), "test")
+        .unwrap()
+        .send(
+            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
+                .partition(partition)
+                .key("sentinel")
+                .payload("sentinel")
+                .headers(crate::helpers::fixture_headers()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let messages = env
+        .read_products_topic(|m| !crate::helpers::keyed(m, "sentinel").is_empty())
+        .await;
+    let ids: Vec<Option<String>> = crate::helpers::keyed(&messages, &id)
+        .iter()
+        .map(|m| crate::helpers::header(m, "ce_id"))
+        .collect();
+    assert_eq!(ids.len(), 2, "each event once: {ids:?}");
+    api.stop().await;
+    env.cleanup().await;
+}

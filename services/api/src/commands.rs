@@ -214,24 +214,10 @@ async fn published(
         ));
     }
     if !decision.events.is_empty() {
-        let (task, aggregate_id, creates) =
-            (state.clone(), command.aggregate_id, decision.expected == 0);
-        let events = decision.events;
-        to_the_end(async move {
-            if creates {
-                let publish = event_store::publish_new_stream(
-                    &task.pool,
-                    &task.producer,
-                    &task.topics,
-                    &events,
-                    EVENT_SOURCE,
-                );
-                guarded(&task, publish).await
-            } else {
-                publish(&task, aggregate_id).await
-            }
-        })
-        .await?;
+        // A creation's rows are locked too: a client retrying it with the same key publishes the
+        // same stream, possibly while this publish is still waiting for the broker.
+        let (task, aggregate_id) = (state.clone(), command.aggregate_id);
+        to_the_end(async move { publish(&task, aggregate_id).await }).await?;
     }
     Ok(Outcome {
         body: decision.response,

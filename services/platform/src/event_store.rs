@@ -8,8 +8,9 @@
 //! sequence taken twice, so a mismatch is refused before anything reaches the log.
 //!
 //! Events reach Kafka through [`publish_stream`]: it locks the stream's unpublished events in sequence
-//! order, produces them in that order and marks the acknowledged ones published (a writer that has
-//! just created a stream uses [`publish_new_stream`], which needs no locks). A writer calls it
+//! order, produces them in that order and marks the acknowledged ones published — a new stream's
+//! first events too: a client retrying its creation with the same idempotency key publishes the same
+//! stream, so even those rows are locked. A writer calls it
 //! after committing; the relay ([`relay_once`]) calls it for streams whose events have waited longer
 //! than a grace period (a writer that died after its commit). A later event is never produced before
 //! an earlier unpublished one of its stream, whoever publishes: the row locks are taken in sequence
@@ -368,43 +369,6 @@ async fn produce_in_order(
         }
     }
     (published, failure)
-}
-
-/// Publishes the first events of a stream its writer has just created, without the row locks of
-/// [`publish_stream`]: nobody else can append to a stream before its first events are published (its
-/// id is known only to its writer until then), so there is nothing to order against. Same bytes as
-/// stored; on a failure the events stay unpublished for the relay (or a client retry) to publish.
-pub async fn publish_new_stream(
-    pool: &deadpool_postgres::Pool,
-    producer: &EventProducer,
-    topics: &Topics,
-    events: &[events::WireEnvelope],
-    source: &str,
-) -> Result<usize, StoreError> {
-    let Some(first) = events.first() else {
-        return Ok(0);
-    };
-    let aggregate_id = first.aggregate_id;
-    let pending = events
-        .iter()
-        .map(|wire| {
-            Ok(Pending {
-                sequence: to_i64(wire.sequence),
-                json: serde_json::to_string(wire)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                source,
-                wire: wire.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let (published, failure) = produce_in_order(producer, topics, aggregate_id, &pending).await;
-    if !published.is_empty() {
-        mark_published(&pool.get().await?, aggregate_id, &published).await?;
-    }
-    match failure {
-        Some(error) => Err(error.into()),
-        None => Ok(published.len()),
-    }
 }
 
 /// Produces every unpublished event of `aggregate_id` in sequence order, holding their rows locked so
