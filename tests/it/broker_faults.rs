@@ -279,6 +279,15 @@ async fn the_relay_does_not_send_again_what_already_reached_the_log() {
     env.cleanup().await;
 }
 
+/// An API whose requests give up after 1 s and whose relay never runs: whatever publishes an abandoned
+/// write's events is the process that recorded them.
+fn impatient_without_relay(env: &TestEnv) -> api::Config {
+    let mut config = env.api_config();
+    config.request_timeout_ms = 1_000;
+    config.outbox_interval_ms = 3_600_000;
+    config
+}
+
 /// A write abandoned after its change is recorded — the client hangs up, or the request times out,
 /// while the broker is slow to acknowledge — is still published by the process that recorded it, as
 /// soon as the broker answers: not left for the relay (switched off here) to find.
@@ -286,10 +295,7 @@ async fn the_relay_does_not_send_again_what_already_reached_the_log() {
 async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_its_process() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::on(broker.addr()).await;
-    let mut config = env.api_config();
-    config.request_timeout_ms = 1_000;
-    config.outbox_interval_ms = 3_600_000;
-    let api = env.spawn_api_with(config).await;
+    let api = env.spawn_api_with(impatient_without_relay(&env)).await;
     let user = api.create_user().await;
 
     broker.pause();
@@ -320,10 +326,7 @@ async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_
 async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log_once() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::on(broker.addr()).await;
-    let mut config = env.api_config();
-    config.request_timeout_ms = 1_000;
-    config.outbox_interval_ms = 3_600_000;
-    let api = env.spawn_api_with(config).await;
+    let api = env.spawn_api_with(impatient_without_relay(&env)).await;
     let user = api.create_user().await;
 
     broker.pause();
@@ -350,29 +353,11 @@ async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log
     })
     .await;
     let id = product_commands(&env).await[0].0.to_string();
-    // Long enough for a second copy, had one been sent, to land; then a sentinel behind everything in
-    // the stream's partition, so the read below sees all of it.
+    // Long enough for a second copy, had one been sent, to land behind the first.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let messages = env
-        .read_products_topic(|m| crate::helpers::keyed(m, &id).len() >= 2)
-        .await;
-    let partition = crate::helpers::keyed(&messages, &id)[0].partition();
-    platform::kafka::producer(&env.kafka(), "test")
-        .unwrap()
-        .send(
-            rdkafka::producer::FutureRecord::to(&env.kafka().topics().products)
-                .partition(partition)
-                .key("sentinel")
-                .payload("sentinel")
-                .headers(crate::helpers::fixture_headers()),
-            Duration::from_secs(10),
-        )
+    let ids: Vec<Option<String>> = env
+        .stream_in_log(&id, 2)
         .await
-        .unwrap();
-    let messages = env
-        .read_products_topic(|m| !crate::helpers::keyed(m, "sentinel").is_empty())
-        .await;
-    let ids: Vec<Option<String>> = crate::helpers::keyed(&messages, &id)
         .iter()
         .map(|m| crate::helpers::header(m, "ce_id"))
         .collect();

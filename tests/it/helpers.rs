@@ -285,6 +285,36 @@ impl TestEnv {
         messages
     }
 
+    /// Every message of the stream `id` in the products topic, once at least `at_least` are there:
+    /// read up to a sentinel sent behind them into their partition, so a later copy is seen too.
+    pub async fn stream_in_log(&self, id: &str, at_least: usize) -> Vec<OwnedMessage> {
+        let messages = self
+            .read_products_topic(|m| keyed(m, id).len() >= at_least)
+            .await;
+        let partition = keyed(&messages, id)[0].partition();
+        let sentinel = format!("sentinel-{}", Uuid::new_v4().simple());
+        platform::kafka::producer(&self.kafka(), "test")
+            .unwrap()
+            .send(
+                rdkafka::producer::FutureRecord::to(&self.kafka().topics().products)
+                    .partition(partition)
+                    .key(&sentinel)
+                    .payload("sentinel")
+                    .headers(fixture_headers()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let messages = self
+            .read_products_topic(|m| !keyed(m, &sentinel).is_empty())
+            .await;
+        assert!(
+            !keyed(&messages, &sentinel).is_empty(),
+            "the sentinel is read"
+        );
+        keyed(&messages, id).into_iter().cloned().collect()
+    }
+
     /// Appends `event` to its product's stream through the event store (the one authority on
     /// sequences, as every service does) and publishes the stream.
     pub async fn append_through_store(&self, event: events::Envelope<events::ProductEvent>) {
