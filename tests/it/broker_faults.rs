@@ -279,6 +279,15 @@ async fn the_relay_does_not_send_again_what_already_reached_the_log() {
     env.cleanup().await;
 }
 
+/// A user registered through an API of ordinary patience (a 1 s request timeout is no place for the
+/// first request of a process on a busy machine).
+async fn registered_user(env: &TestEnv) -> String {
+    let api = env.spawn_api().await;
+    let user = api.create_user().await;
+    api.stop().await;
+    user
+}
+
 /// An API whose requests give up after 1 s and whose relay never runs: whatever publishes an abandoned
 /// write's events is the process that recorded them.
 fn impatient_without_relay(env: &TestEnv) -> api::Config {
@@ -295,8 +304,8 @@ fn impatient_without_relay(env: &TestEnv) -> api::Config {
 async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_its_process() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::on(broker.addr()).await;
+    let user = registered_user(&env).await;
     let api = env.spawn_api_with(impatient_without_relay(&env)).await;
-    let user = api.create_user().await;
 
     broker.pause();
     let (_, status) = post_product(&api, &user).await;
@@ -326,8 +335,8 @@ async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_
 async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log_once() {
     let broker = PrivateBroker::start().await;
     let env = TestEnv::on(broker.addr()).await;
+    let user = registered_user(&env).await;
     let api = env.spawn_api_with(impatient_without_relay(&env)).await;
-    let user = api.create_user().await;
 
     broker.pause();
     let key = Uuid::new_v4().to_string();
