@@ -314,7 +314,8 @@ async fn a_slow_subscriber_is_cut_off_with_a_last_event_and_never_slows_another(
     config.changes_slow_client_ms = 300;
     let api = env.spawn_api_with(config).await;
 
-    // The slow one: a socket with a small receive buffer that is not read for a while.
+    // The slow one: a socket with a small receive buffer that is not read until the server has cut
+    // it off. Its `ready` event is read first, so its subscription surely starts before the events.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let addr: std::net::SocketAddr = api.base.trim_start_matches("http://").parse().unwrap();
@@ -327,54 +328,90 @@ async fn a_slow_subscriber_is_cut_off_with_a_last_event_and_never_slows_another(
     )
     .await
     .unwrap();
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("event: ready\n") || !head.ends_with(b"\n\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut byte))
+            .await
+            .expect("the slow subscriber's ready event")
+            .unwrap();
+        assert_eq!(
+            n, 1,
+            "the server closed the slow subscription before it began"
+        );
+        head.push(byte[0]);
+    }
     let mut fast = Subscriber::open(&api, "", None).await;
     let ready = fast.next(Duration::from_secs(10)).await.unwrap();
     assert_eq!(ready.event.as_deref(), Some("ready"));
 
-    // 400 events of ~25 KiB (10 MB): far more than the slow socket, the server's send buffer and the
-    // subscriber's buffer of 4 hold.
+    // Rounds of 100 events of ~25 KiB (2.5 MB), until the server reports the slow subscriber cut
+    // off: how much the kernel buffers on the way differs between machines, so no fixed amount is
+    // assumed to be enough. The fast subscriber reads every round as it is published.
     let user = Uuid::now_v7();
-    let events: Vec<events::Envelope<events::ProductEvent>> = (0..400)
-        .map(|i| {
-            events::Envelope::new(
-                Uuid::now_v7(),
-                1,
-                chrono::Utc::now(),
-                None,
-                events::ProductEvent::Created(events::ProductCreated {
-                    user_id: user,
-                    product_name: format!("Bulk {i}"),
-                    product_description: "x".repeat(4000),
-                    product_price: events::Decimal::new(100, 2),
-                    currency: "EUR".into(),
-                    product_images: (0..10)
-                        .map(|j| {
-                            format!(
-                                "https://images.example.com/{}/{i}-{j}.jpg",
-                                "a".repeat(1900)
-                            )
-                        })
-                        .collect(),
-                }),
-            )
-        })
-        .collect();
-    let published = {
-        let env = &env;
-        let events = &events;
-        async move { env.publish(events).await }
+    let mut fast_ids: HashSet<String> = HashSet::new();
+    let mut total = 0usize;
+    let slow_cut = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("changes_disconnects_total{reason=\"client_too_slow\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            >= 1.0
     };
-    // The fast subscriber keeps up while they are published.
-    let (_, got) = tokio::join!(published, fast.until(|e| e.len() >= 400));
-    let fast_ids: HashSet<String> =
-        event_ids(&got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>())
-            .into_iter()
+    for round in 0.. {
+        assert!(
+            round < 40,
+            "the slow subscriber was not cut off after {total} events"
+        );
+        let events: Vec<events::Envelope<events::ProductEvent>> = (0..100)
+            .map(|i| {
+                let i = total + i;
+                events::Envelope::new(
+                    Uuid::now_v7(),
+                    1,
+                    chrono::Utc::now(),
+                    None,
+                    events::ProductEvent::Created(events::ProductCreated {
+                        user_id: user,
+                        product_name: format!("Bulk {i}"),
+                        product_description: "x".repeat(4000),
+                        product_price: events::Decimal::new(100, 2),
+                        currency: "EUR".into(),
+                        product_images: (0..10)
+                            .map(|j| {
+                                format!(
+                                    "https://images.example.com/{}/{i}-{j}.jpg",
+                                    "a".repeat(1900)
+                                )
+                            })
+                            .collect(),
+                    }),
+                )
+            })
             .collect();
-    assert_eq!(fast_ids.len(), 400, "the other subscriber got every event");
+        let published = {
+            let env = &env;
+            let events = &events;
+            async move { env.publish(events).await }
+        };
+        let (_, got) = tokio::join!(published, fast.until(|e| e.len() >= 100));
+        fast_ids.extend(event_ids(
+            &got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        ));
+        total += 100;
+        assert_eq!(
+            fast_ids.len(),
+            total,
+            "the other subscriber got every event"
+        );
+        // The slow subscriber's buffer fills within `changes_slow_client_ms` of its socket filling.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if slow_cut(&api.get("/metrics").await.text().await.unwrap()) {
+            break;
+        }
+    }
 
-    let text = read_to_end(&mut slow).await;
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    let mut body = body.to_owned();
+    let mut body = read_to_end(&mut slow).await;
     let received = take_events(&mut body);
     let last = received.last().unwrap();
     assert_eq!(
@@ -386,16 +423,19 @@ async fn a_slow_subscriber_is_cut_off_with_a_last_event_and_never_slows_another(
     assert_eq!(overflow["code"], "client_too_slow");
     let changes: Vec<&SseEvent> = received.iter().filter(|e| e.event.is_none()).collect();
     assert!(
-        changes.len() < 400,
+        changes.len() < total,
         "it was cut off before the end ({} events)",
         changes.len()
     );
     // Where it was cut off is where the last delivered event left it: resuming there loses nothing.
     let resume_from = overflow["resume_from"].as_str().unwrap();
-    let last_delivered = changes.last().map_or_else(
-        || received[0].id.clone().unwrap(),
-        |e| e.id.clone().unwrap(),
-    );
+    let head = String::from_utf8(head).unwrap();
+    let (_, head) = head.split_once("\r\n\r\n").unwrap();
+    let mut head = head.to_owned();
+    let ready = take_events(&mut head).pop().unwrap();
+    let last_delivered = changes
+        .last()
+        .map_or_else(|| ready.id.clone().unwrap(), |e| e.id.clone().unwrap());
     assert_eq!(resume_from, last_delivered);
     let mut ids: Vec<String> = changes
         .iter()
@@ -407,7 +447,7 @@ async fn a_slow_subscriber_is_cut_off_with_a_last_event_and_never_slows_another(
         })
         .collect();
     let mut again = Subscriber::open(&api, "", Some(resume_from)).await;
-    let rest = again.until(|e| e.len() + ids.len() >= 400).await;
+    let rest = again.until(|e| e.len() + ids.len() >= total).await;
     ids.extend(event_ids(
         &rest.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
     ));

@@ -186,6 +186,7 @@ async fn changes(
         closing: feed.closing.subscribe(),
         _permit: permit,
     }));
+    metrics::gauge!("changes_subscribers").increment(1.0);
     tracing::info!(user_id = ?user, from = %start.encode(), "change-feed subscriber joined");
     let ready = Event::default()
         .event("ready")
@@ -280,11 +281,15 @@ async fn pump(mut p: Pump) {
     // The position of the last event put in the buffer: where a subscriber cut off resumes.
     let mut delivered = p.cursor.encode();
     let mut failures = 0u32;
+    let mut stopping = false;
     let ending = loop {
         let message = tokio::select! {
             m = p.consumer.recv() => m,
             () = p.events.closed() => break None,
-            _ = p.closing.changed() => break None,
+            _ = p.closing.changed() => {
+                stopping = true;
+                break None;
+            }
         };
         let message = match message {
             Ok(m) => {
@@ -348,6 +353,14 @@ async fn pump(mut p: Pump) {
             }
         }
     };
+    metrics::gauge!("changes_subscribers").decrement(1.0);
+    let reason = match &ending {
+        None if stopping => "server_stopping",
+        None => "left",
+        Some(Ending::Overflow { .. }) => "client_too_slow",
+        Some(Ending::Unavailable { .. }) => "unavailable",
+    };
+    metrics::counter!("changes_disconnects_total", "reason" => reason).increment(1);
     if let Some(ending) = ending {
         let _ = p.end.send(ending);
     }
