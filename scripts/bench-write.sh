@@ -15,6 +15,7 @@ cargo build --release --quiet --bin catalog-api --bin catalogctl
 cargo build --release --quiet -p benches --bin produce-ceiling
 scripts/broker.sh restart bench 19192 >/dev/null
 
+# BENCH_API_BIN=PATH runs another build of the API (an A/B of two commits on the same machine).
 # Records per producer batch, for the API and the ceiling alike: 1 as `just dev` runs on Tansu (whose
 # consumers lose the rest of a batch they start inside); BENCH_PRODUCER_BATCH=10000 is the services'
 # default, i.e. production on Apache Kafka (this benchmark starts no consumer).
@@ -22,7 +23,7 @@ export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES="${BENCH_PROD
     CACHE_KEY_PREFIX=benchw: LOG_FORMAT=json RUST_LOG=warn
 "$bin/catalogctl" migrate --reset >/dev/null
 "$bin/catalogctl" topics >/dev/null
-API_ADDR=127.0.0.1:18090 "$bin/catalog-api" 2>"$tmp/api.log" & pids+=($!)
+API_ADDR=127.0.0.1:18090 "${BENCH_API_BIN:-$bin/catalog-api}" 2>"$tmp/api.log" & pids+=($!)
 for _ in $(seq 1 100); do curl -fs http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.1; done
 
 signup=$(curl -fs -X POST http://127.0.0.1:18090/users -H 'Content-Type: application/json' \
