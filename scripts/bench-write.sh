@@ -15,14 +15,16 @@ cargo build --release --quiet --bin catalog-api --bin catalogctl
 cargo build --release --quiet -p benches --bin produce-ceiling
 scripts/broker.sh restart bench 19192 >/dev/null
 
-# BENCH_API_BIN=PATH runs another build of the API (an A/B of two commits on the same machine).
+# BENCH_API_BIN=PATH runs another build of the API (an A/B of two commits on the same machine), with
+# BENCH_CTL_BIN=PATH, the catalogctl of the same commit, when their migrations differ.
+ctl="${BENCH_CTL_BIN:-$bin/catalogctl}"
 # Records per producer batch, for the API and the ceiling alike: 1 as `just dev` runs on Tansu (whose
 # consumers lose the rest of a batch they start inside); BENCH_PRODUCER_BATCH=10000 is the services'
 # default, i.e. production on Apache Kafka (this benchmark starts no consumer).
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES="${BENCH_PRODUCER_BATCH:-1}" DB_NAME=catalog_bench DB_SCHEMA=bench_write \
     CACHE_KEY_PREFIX=benchw: LOG_FORMAT=json RUST_LOG=warn
-"$bin/catalogctl" migrate --reset >/dev/null
-"$bin/catalogctl" topics >/dev/null
+"$ctl" migrate --reset >/dev/null
+"$ctl" topics >/dev/null
 API_ADDR=127.0.0.1:18090 "${BENCH_API_BIN:-$bin/catalog-api}" 2>"$tmp/api.log" & pids+=($!)
 for _ in $(seq 1 100); do curl -fs http://127.0.0.1:18090/healthz >/dev/null && break; sleep 0.1; done
 
@@ -62,7 +64,7 @@ patch=$(run_wrk -s "$tmp/patch.lua" http://127.0.0.1:18090)
 
 # Broker ceiling: the same event bytes, two acknowledged appends per request, same concurrency.
 psql -h 127.0.0.1 -U postgres -d catalog_bench -Atc "SELECT envelope FROM bench_write.event_store ORDER BY recorded_at LIMIT 1" >"$tmp/event.json"
-"$bin/catalogctl" topics >/dev/null
+"$ctl" topics >/dev/null
 broker=$("$bin/produce-ceiling" 127.0.0.1:19192 catalog.products "$tmp/event.json" "$C" "$D")
 
 # Database ceiling: the command row a POST records, inserted by pgbench at the same concurrency.
