@@ -374,3 +374,101 @@ async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log
     api.stop().await;
     env.cleanup().await;
 }
+
+/// Many clients hang up on their writes while the broker is stalled. Each abandoned write's publish
+/// goes on in the background and holds a write connection until the broker answers or the producer
+/// gives up: the API must still answer reads and probes meanwhile, and once the broker is back every
+/// write it recorded reaches the log; none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_loses_nothing() {
+    let broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let user = registered_user(&env).await;
+    let mut config = env.api_config();
+    config.outbox_interval_ms = 500;
+    config.outbox_grace_ms = 1_000;
+    let api = env.spawn_api_with(config).await;
+    let (_, status) = post_product(&api, &user).await;
+    assert_eq!(status, 201);
+
+    broker.pause();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", crate::helpers::TEST_ADMIN_KEY)
+            .parse()
+            .unwrap(),
+    );
+    let hasty = reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let flood = {
+        let (api, user) = (api.url("/products"), user.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(6) {
+                let writes = (0..48).map(|_| {
+                    hasty
+                        .post(&api)
+                        .header("idempotency-key", Uuid::new_v4().to_string())
+                        .json(&product_body(&user))
+                        .send()
+                });
+                futures::future::join_all(writes).await;
+            }
+        })
+    };
+    // Reads (their own pool) and probes keep being answered while writes pile up behind the broker.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = api.url(&format!("/products?user_id={user}"));
+    for _ in 0..5 {
+        let read = tokio::time::timeout(Duration::from_secs(5), api.http.get(&listed).send())
+            .await
+            .expect("a read answered during the flood")
+            .unwrap();
+        assert_eq!(read.status(), 200, "a read during the flood");
+        let probe = tokio::time::timeout(
+            Duration::from_secs(5),
+            api.http.get(api.url("/healthz")).send(),
+        )
+        .await
+        .expect("a probe answered during the flood")
+        .unwrap();
+        assert_eq!(probe.status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    flood.await.unwrap();
+    let recorded = product_commands(&env).await;
+    let waiting = recorded.iter().filter(|(_, published)| !published).count();
+    assert!(
+        waiting > 0,
+        "the flood recorded writes the stalled broker could not take ({} recorded)",
+        recorded.len()
+    );
+    broker.resume();
+
+    eventually_within(
+        "every recorded write is published",
+        Duration::from_secs(60),
+        || async {
+            product_commands(&env)
+                .await
+                .iter()
+                .all(|(_, published)| *published)
+                .then_some(())
+        },
+    )
+    .await;
+    // And each in the log once: the last stream recorded has its two events there, not more.
+    let last = product_commands(&env)
+        .await
+        .iter()
+        .map(|(id, _)| *id)
+        .max()
+        .unwrap();
+    assert_eq!(env.stream_in_log(&last.to_string(), 2).await.len(), 2);
+    api.stop().await;
+    env.cleanup().await;
+}

@@ -305,8 +305,14 @@ async fn execute_locked(
     published(state, &command, decision).await
 }
 
-/// Publishes every unpublished event of the stream, in order.
+/// Publishes every unpublished event of the stream, in order, once one of the publishing slots is
+/// free (see [`crate::state::Shared::publishing`]).
 async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
+    let _slot = state
+        .publishing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal("the publishing slots are closed".into()))?;
     guarded(
         state,
         event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id),

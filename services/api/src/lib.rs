@@ -320,6 +320,9 @@ pub async fn build_state(config: &Config) -> Result<AppState, StartupError> {
         pool,
         read_pool,
         producer,
+        publishing: Arc::new(tokio::sync::Semaphore::new(
+            config.db.pool_size.saturating_sub(2).max(1),
+        )),
         broker_breaker: Arc::new(platform::breaker::CircuitBreaker::new(
             "kafka (request path)",
             config.broker_breaker_failures,

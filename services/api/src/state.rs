@@ -38,6 +38,10 @@ pub struct Shared {
     pub producer: platform::kafka::EventProducer,
     /// Skips publishing in the request path while the broker keeps failing (the relay publishes).
     pub broker_breaker: Arc<platform::breaker::CircuitBreaker>,
+    /// Publishes that may hold a command connection at once: all but two of the pool (at least one).
+    /// A publish holds its connection until the broker acknowledges, so during a broker stall they
+    /// would otherwise take every connection, and commands and the liveness probe would find none.
+    pub publishing: Arc<tokio::sync::Semaphore>,
     /// Event topic names.
     pub topics: Arc<Topics>,
     /// Moves every time the projector commits a batch (`LISTEN`/`NOTIFY`): reads waiting for the
