@@ -185,8 +185,8 @@ async fn changes(
         slow_after: feed.slow_after,
         closing: feed.closing.subscribe(),
         _permit: permit,
+        _counted: Subscribed::count(),
     }));
-    metrics::gauge!("changes_subscribers").increment(1.0);
     tracing::info!(user_id = ?user, from = %start.encode(), "change-feed subscriber joined");
     let ready = Event::default()
         .event("ready")
@@ -262,6 +262,24 @@ struct Pump {
     slow_after: Duration,
     closing: watch::Receiver<bool>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _counted: Subscribed,
+}
+
+/// One open subscription in the `changes_subscribers` gauge, for as long as it lives (however its
+/// pump ends: a return, a panic, or a runtime that drops it unrun).
+struct Subscribed;
+
+impl Subscribed {
+    fn count() -> Self {
+        metrics::gauge!("changes_subscribers").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        metrics::gauge!("changes_subscribers").decrement(1.0);
+    }
 }
 
 /// The parts of an envelope the feed reads; the data sent is the message itself. The payload is kept
@@ -353,7 +371,6 @@ async fn pump(mut p: Pump) {
             }
         }
     };
-    metrics::gauge!("changes_subscribers").decrement(1.0);
     let reason = match &ending {
         None if stopping => "server_stopping",
         None => "left",
@@ -368,10 +385,12 @@ async fn pump(mut p: Pump) {
         consumer,
         events,
         _permit: permit,
+        _counted: counted,
         ..
     } = p;
     drop(events);
     drop(permit);
+    drop(counted);
     platform::kafka::close(consumer, Duration::from_secs(5)).await;
 }
 

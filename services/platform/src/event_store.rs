@@ -394,14 +394,16 @@ async fn publish_stream_except(
 ) -> Result<usize, StoreError> {
     // BEGIN travels with the locking SELECT, and the mark with COMMIT: two round trips, not four.
     // The mark is committed without waiting for its WAL flush: it only records what the broker has
-    // already acknowledged, and a mark lost in a database crash is found again by the relay, which
-    // looks for pending events in the log before it sends anything (so none is sent twice).
+    // already acknowledged. A mark lost in a database crash leaves an event that was recorded before
+    // the server (re)started: such events, like any pending for over 2 s, are looked for in the log
+    // before anything is sent (by the relay always), so none is sent twice.
     let tx = Pipelined(Some(pool.get().await?));
     let client = tx.client();
     let select = client
         .prepare_cached(
             "SELECT sequence, envelope, source, event_id, recorded_at,
                     recorded_at < now() - interval '2 seconds'
+                      OR recorded_at < pg_postmaster_start_time()
                FROM event_store
               WHERE aggregate_id = $1 AND published_at IS NULL
               ORDER BY sequence FOR UPDATE",
