@@ -288,6 +288,18 @@ async fn registered_user(env: &TestEnv) -> String {
     user
 }
 
+/// A private broker (to pause), its test environment, a user registered while it answers, and an API
+/// started with the configuration `config` makes.
+async fn api_on_private_broker(
+    config: impl FnOnce(&TestEnv) -> api::Config,
+) -> (PrivateBroker, TestEnv, String, TestApi) {
+    let broker = PrivateBroker::start().await;
+    let env = TestEnv::on(broker.addr()).await;
+    let user = registered_user(&env).await;
+    let api = env.spawn_api_with(config(&env)).await;
+    (broker, env, user, api)
+}
+
 /// An API whose requests give up after 1 s and whose relay never runs: whatever publishes an abandoned
 /// write's events is the process that recorded them.
 fn impatient_without_relay(env: &TestEnv) -> api::Config {
@@ -302,10 +314,7 @@ fn impatient_without_relay(env: &TestEnv) -> api::Config {
 /// soon as the broker answers: not left for the relay (switched off here) to find.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_its_process() {
-    let broker = PrivateBroker::start().await;
-    let env = TestEnv::on(broker.addr()).await;
-    let user = registered_user(&env).await;
-    let api = env.spawn_api_with(impatient_without_relay(&env)).await;
+    let (broker, env, user, api) = api_on_private_broker(impatient_without_relay).await;
 
     broker.pause();
     let (_, status) = post_product(&api, &user).await;
@@ -333,10 +342,7 @@ async fn a_write_abandoned_while_its_events_are_in_flight_is_still_published_by_
 /// publish instead of producing the stream's events a second time. Each event is in the log once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log_once() {
-    let broker = PrivateBroker::start().await;
-    let env = TestEnv::on(broker.addr()).await;
-    let user = registered_user(&env).await;
-    let api = env.spawn_api_with(impatient_without_relay(&env)).await;
+    let (broker, env, user, api) = api_on_private_broker(impatient_without_relay).await;
 
     broker.pause();
     let key = Uuid::new_v4().to_string();
@@ -381,26 +387,18 @@ async fn a_creation_retried_while_its_publish_waits_for_the_broker_is_in_the_log
 /// write it recorded reaches the log; none is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_loses_nothing() {
-    let broker = PrivateBroker::start().await;
-    let env = TestEnv::on(broker.addr()).await;
-    let user = registered_user(&env).await;
-    let mut config = env.api_config();
-    config.outbox_interval_ms = 500;
-    config.outbox_grace_ms = 1_000;
-    let api = env.spawn_api_with(config).await;
+    let (broker, env, user, api) = api_on_private_broker(|env| {
+        let mut config = env.api_config();
+        config.outbox_interval_ms = 500;
+        config.outbox_grace_ms = 1_000;
+        config
+    })
+    .await;
     let (_, status) = post_product(&api, &user).await;
     assert_eq!(status, 201);
 
     broker.pause();
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {}", crate::helpers::TEST_ADMIN_KEY)
-            .parse()
-            .unwrap(),
-    );
-    let hasty = reqwest::Client::builder()
-        .default_headers(headers)
+    let hasty = crate::helpers::admin_client_builder()
         .timeout(Duration::from_millis(300))
         .build()
         .unwrap();

@@ -446,15 +446,17 @@ pub const TEST_ADMIN_KEY: &str = "cat_test_admin_key_for_the_integration_tests_o
 
 /// An HTTP client that sends the test admin key unless a request sets its own `Authorization`.
 pub fn admin_client() -> reqwest::Client {
+    admin_client_builder().build().unwrap()
+}
+
+/// [`admin_client`]'s builder, for a test that needs another setting (a timeout, say).
+pub fn admin_client_builder() -> reqwest::ClientBuilder {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
         format!("Bearer {TEST_ADMIN_KEY}").parse().unwrap(),
     );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().default_headers(headers)
 }
 
 /// The headers a test gives a message it appends itself: the CloudEvents headers of an event envelope,

@@ -120,8 +120,7 @@ pub(crate) async fn replay_if_known(
         return Err(ApiError::IdempotencyKeyReused);
     }
     if let Some(aggregate_id) = row.get::<_, Option<Uuid>>(2) {
-        let task = state.clone();
-        to_the_end(async move { publish(&task, aggregate_id).await }).await?;
+        publish_to_the_end(state, aggregate_id).await?;
     }
     Ok(Some(Outcome {
         body: row.get(1),
@@ -216,8 +215,7 @@ async fn published(
     if !decision.events.is_empty() {
         // A creation's rows are locked too: a client retrying it with the same key publishes the
         // same stream, possibly while this publish is still waiting for the broker.
-        let (task, aggregate_id) = (state.clone(), command.aggregate_id);
-        to_the_end(async move { publish(&task, aggregate_id).await }).await?;
+        publish_to_the_end(state, command.aggregate_id).await?;
     }
     Ok(Outcome {
         body: decision.response,
@@ -320,14 +318,13 @@ async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
     .await
 }
 
-/// Runs `work` (publishing what a command recorded) to its end even if the request is abandoned: a
-/// client that hangs up, or the request timeout, drops the handler's future, and with it anything it
-/// awaits. The change is already decided and recorded by then, so it is published now rather than
-/// left to the relay (which must first scan the log for what might have landed).
-async fn to_the_end(
-    work: impl std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
-) -> Result<(), ApiError> {
-    tokio::spawn(work)
+/// [`publish`] in a task of its own, run to its end even if the request is abandoned: a client that
+/// hangs up, or the request timeout, drops the handler's future, and with it anything it awaits. The
+/// change is already decided and recorded by then, so it is published now rather than left to the
+/// relay (which must first scan the log for what might have landed).
+async fn publish_to_the_end(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
+    let state = state.clone();
+    tokio::spawn(async move { publish(&state, aggregate_id).await })
         .await
         .map_err(|e| ApiError::Internal(format!("publishing task: {e}")))?
 }
