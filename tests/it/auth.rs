@@ -177,7 +177,7 @@ async fn writes_need_a_valid_credential_of_the_owner_and_no_secret_is_ever_logge
         .await
         .unwrap();
     assert_eq!(revoked.status(), 204);
-    // No process caches keys: the very next request to the other process is refused.
+    // The other process used the key (and remembers it): its very next request is refused all the same.
     let refused = post_product(&second, Some(&ada_key), &product(None)).await;
     assert_eq!(
         refused.status(),
@@ -222,6 +222,128 @@ async fn writes_need_a_valid_credential_of_the_owner_and_no_secret_is_ever_logge
             "part of a key reached the logs"
         );
     }
+    env.cleanup().await;
+}
+
+/// A process remembers the API keys it has seen, for product commands. The statement that records a
+/// command checks the key, and every answer that statement does not decide (a refusal, a replayed
+/// answer) looks it up: a key revoked through another process is refused on every command path by the
+/// very next request, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_that_remembers_it() {
+    let env = TestEnv::new().await;
+    let api = env.spawn_api().await;
+    let other = env.spawn_api().await;
+    let (ada, ada_key, _) = sign_up(&api).await;
+    let created: Value = post_product(&other, Some(&ada_key), &product(None))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let url = other.url(&format!("/products/{id}"));
+    let rename = |key: &str| {
+        anonymous()
+            .patch(&url)
+            .bearer_auth(key)
+            .header("idempotency-key", "rename-1")
+            .json(&json!({"product_name": "Oak desk"}))
+    };
+    let renamed = rename(&ada_key).send().await.unwrap();
+    assert_eq!(renamed.status(), 200);
+    assert_eq!(renamed.headers()["etag"], "\"3\"");
+
+    // One key per path; `other` sees each valid once (a patch that changes nothing), then `api`
+    // revokes them all.
+    let cases = [
+        "create",
+        "create with a bad body",
+        "patch an unknown product",
+        "patch with a stale If-Match",
+        "replay an answered patch",
+        "patch",
+        "patch that changes nothing",
+        "delete",
+    ];
+    let mut keys = Vec::new();
+    for _ in cases {
+        let issued: Value = anonymous()
+            .post(api.url(&format!("/users/{ada}/api-keys")))
+            .bearer_auth(&ada_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let secret = issued["api_key"].as_str().unwrap().to_owned();
+        let warm = anonymous()
+            .patch(&url)
+            .bearer_auth(&secret)
+            .json(&json!({"product_name": "Oak desk"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(warm.status(), 200, "a patch that changes nothing");
+        keys.push((issued["id"].as_str().unwrap().to_owned(), secret));
+    }
+    for (key_id, _) in &keys {
+        let revoked = anonymous()
+            .delete(api.url(&format!("/users/{ada}/api-keys/{key_id}")))
+            .bearer_auth(&ada_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(revoked.status(), 204);
+    }
+
+    let unknown = other.url(&format!("/products/{}", Uuid::now_v7()));
+    for (case, (_, key)) in cases.iter().zip(&keys) {
+        let request = match *case {
+            "create" => anonymous()
+                .post(other.url("/products"))
+                .json(&product(None)),
+            "create with a bad body" => anonymous()
+                .post(other.url("/products"))
+                .json(&json!({"product_name": "Desk", "product_price": "ten"})),
+            "patch an unknown product" => anonymous()
+                .patch(&unknown)
+                .json(&json!({"product_name": "Chair"})),
+            "patch with a stale If-Match" => anonymous()
+                .patch(&url)
+                .header("if-match", "\"1\"")
+                .json(&json!({"product_name": "Chair"})),
+            "replay an answered patch" => rename(key),
+            "patch" => anonymous()
+                .patch(&url)
+                .json(&json!({"product_name": "Chair"})),
+            "patch that changes nothing" => anonymous()
+                .patch(&url)
+                .json(&json!({"product_name": "Oak desk"})),
+            "delete" => anonymous().delete(&url),
+            case => unreachable!("{case}"),
+        };
+        let r = request.bearer_auth(key).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{case}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "unauthenticated", "{case}");
+    }
+    // Found revoked, the key is forgotten: refused again.
+    let again = post_product(&other, Some(&keys[0].1), &product(None)).await;
+    assert_eq!(again.status(), 401);
+
+    // Nothing was written: the product is still at version 3, and a valid key changes it.
+    let r = anonymous()
+        .patch(&url)
+        .bearer_auth(&ada_key)
+        .header("if-match", "\"3\"")
+        .json(&json!({"product_name": "Chair"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    api.stop().await;
+    other.stop().await;
     env.cleanup().await;
 }
 

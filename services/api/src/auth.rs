@@ -1,8 +1,12 @@
 //! Who is calling, and how often: API keys, JWTs from an identity provider, admin keys, rate limits.
 //!
 //! - **API keys** (`cat_` + 64 hex digits, 256 random bits) are issued to users; PostgreSQL keeps only
-//!   their SHA-256 digest (`api_keys`), looked up on every request that needs a caller, so a revoked
-//!   key is refused by every API process at once.
+//!   their SHA-256 digest (`api_keys`). A revoked key is refused by every API process from the moment
+//!   its revocation is answered: reads and the other routes look the key up on every request; product
+//!   commands ([`authenticate_writer`]) take a key this process has seen valid from memory and leave
+//!   the check to the statement that records the command (`catalog_append_command_with_key`), which
+//!   writes nothing for a revoked key, and look the key up before any answer that statement did not
+//!   decide (a refusal, a replayed answer) — one round trip less for every write.
 //! - **JWTs** (RS256, ES256, EdDSA) are checked against a JWKS document (`AUTH_JWKS_URL`: a URL or a
 //!   file path; cached, fetched again when a token names an unknown `kid`), with `iss`, `aud`, `exp`
 //!   and `nbf` checked; `sub` is the user id.
@@ -16,7 +20,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -192,7 +197,15 @@ pub struct Authenticator {
     jwks: Mutex<Option<(JwkSet, Instant)>>,
     http: reqwest::Client,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// API keys seen valid, by digest: key id, user id, when last confirmed in the database.
+    keys: Mutex<HashMap<[u8; 32], (Uuid, Uuid, Instant)>>,
 }
+
+/// How many API keys a process remembers (more: the oldest half is forgotten).
+const REMEMBERED_KEYS: usize = 50_000;
+/// How long a remembered key is taken without a lookup. Correctness does not depend on it (the write
+/// checks the key); it bounds how long a key row removed by hand would still be taken for commands.
+const KEY_MEMORY: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +253,34 @@ impl Authenticator {
                 .build()
                 .map_err(|e| format!("AUTH_JWKS_URL client: {e}"))?,
             buckets: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn remembered(&self, digest: &[u8; 32]) -> Option<(Uuid, Uuid)> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.get(digest)
+            .filter(|(_, _, at)| at.elapsed() < KEY_MEMORY)
+            .map(|(key_id, user_id, _)| (*key_id, *user_id))
+    }
+
+    fn remember(&self, digest: [u8; 32], key_id: Uuid, user_id: Uuid) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= REMEMBERED_KEYS {
+            let mut ages: Vec<Instant> = keys.values().map(|(_, _, at)| *at).collect();
+            let (_, median, _) = ages.select_nth_unstable(REMEMBERED_KEYS / 2);
+            let median = *median;
+            keys.retain(|_, (_, _, at)| *at > median);
+        }
+        keys.insert(digest, (key_id, user_id, Instant::now()));
+    }
+
+    /// Forgets a key found revoked.
+    fn forget(&self, digest: &[u8; 32]) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
     }
 
     /// Whether reads need a credential.
@@ -319,30 +359,158 @@ pub async fn authenticate(
     Ok(caller)
 }
 
+/// The caller of a product command. Its API key may have been taken from this process's memory:
+/// then the command's statement checks it (see [`KeyCheck`]), or [`Writer::settle`] looks it up.
+pub struct Writer {
+    caller: Caller,
+    check: Option<Arc<KeyCheck>>,
+}
+
+/// An API key taken from memory, still to be confirmed not revoked: by the statement that records the
+/// command ([`KeyCheck::confirmed`] is then called) or by a lookup.
+pub struct KeyCheck {
+    key_id: Uuid,
+    digest: [u8; 32],
+    confirmed: AtomicBool,
+}
+
+impl std::fmt::Debug for KeyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCheck")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyCheck {
+    /// The key's id, for the statement to check.
+    pub fn key_id(&self) -> Uuid {
+        self.key_id
+    }
+
+    /// The database confirmed the key while recording the command.
+    pub fn confirmed(&self) {
+        self.confirmed.store(true, Ordering::Release);
+    }
+
+    /// The database found the key revoked: forget it, so the next request looks it up.
+    pub fn revoked(&self, state: &AppState) {
+        state.auth.forget(&self.digest);
+    }
+}
+
+impl Writer {
+    /// Who is calling.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The key the command's statement must check, if it came from memory.
+    pub fn key_check(&self) -> Option<Arc<KeyCheck>> {
+        self.check.clone()
+    }
+
+    /// The command's answer, unless its key came from memory, no statement confirmed it, and it is
+    /// revoked: then `401` (the key is looked up; a refusal or a replayed answer must not reach a
+    /// revoked key either).
+    pub async fn settle<T>(
+        &self,
+        state: &AppState,
+        answer: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let Some(check) = &self.check else {
+            return answer;
+        };
+        if check.confirmed.load(Ordering::Acquire)
+            || matches!(answer, Err(ApiError::Unauthenticated))
+        {
+            return answer;
+        }
+        match look_up_key(state, &check.digest).await? {
+            Some(_) => answer,
+            None => {
+                check.revoked(state);
+                Err(ApiError::Unauthenticated)
+            }
+        }
+    }
+}
+
+/// [`authenticate`] for a product command: an API key this process has seen valid is taken from memory
+/// (its check is left to the command; see [`Writer`]).
+pub async fn authenticate_writer(
+    state: &AppState,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Result<Writer, ApiError> {
+    let auth = &state.auth;
+    if let Some(token) = bearer(headers).filter(|t| t.starts_with(KEY_PREFIX)) {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some((key_id, user_id)) = auth.remembered(&digest) {
+            let caller = Caller::User {
+                user_id,
+                credential: format!("key:{key_id}"),
+            };
+            auth.take(
+                &caller.credential(),
+                auth.config.rate_per_sec,
+                auth.config.rate_burst,
+            )
+            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+            return Ok(Writer {
+                caller,
+                check: Some(Arc::new(KeyCheck {
+                    key_id,
+                    digest,
+                    confirmed: AtomicBool::new(false),
+                })),
+            });
+        }
+    }
+    Ok(Writer {
+        caller: authenticate(state, headers, client).await?,
+        check: None,
+    })
+}
+
+/// The key with this digest, if it is not revoked (its id and user), remembered for commands.
+async fn look_up_key(
+    state: &AppState,
+    digest: &[u8; 32],
+) -> Result<Option<(Uuid, Uuid)>, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &client
+                .prepare_cached(
+                    "SELECT id, user_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+                )
+                .await?,
+            &[&digest.as_slice()],
+        )
+        .await?;
+    let found = row.map(|r| (r.get::<_, Uuid>(0), r.get::<_, Uuid>(1)));
+    if let Some((key_id, user_id)) = found {
+        state.auth.remember(*digest, key_id, user_id);
+    }
+    Ok(found)
+}
+
 async fn identify(state: &AppState, token: &str) -> Result<Option<Caller>, ApiError> {
     let auth = &state.auth;
-    let digest = Sha256::digest(token.as_bytes());
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     if let Some(admin) = auth.admin_digests.iter().find(|d| same_digest(d, &digest)) {
         return Ok(Some(Caller::Admin {
             key_id: hex(&admin[..6]),
         }));
     }
     if token.starts_with(KEY_PREFIX) {
-        let client = state.pool.get().await?;
-        let row = client
-            .query_opt(
-                &client
-                    .prepare_cached(
-                        "SELECT id, user_id FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
-                    )
-                    .await?,
-                &[&digest.as_slice()],
-            )
-            .await?;
-        return Ok(row.map(|r| Caller::User {
-            user_id: r.get(1),
-            credential: format!("key:{}", r.get::<_, Uuid>(0)),
-        }));
+        return Ok(look_up_key(state, &digest)
+            .await?
+            .map(|(key_id, user_id)| Caller::User {
+                user_id,
+                credential: format!("key:{key_id}"),
+            }));
     }
     if auth.config.jwks_url.is_empty() || token.split('.').count() != 3 {
         return Ok(None);

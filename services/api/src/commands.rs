@@ -21,6 +21,7 @@
 //!   publishes the stream once its events are older than a grace period. Consumers ignore what they
 //!   already applied, so an event produced twice changes nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
+use crate::auth::KeyCheck;
 use crate::config::Fault;
 use crate::domain::FieldError;
 use crate::error::ApiError;
@@ -54,6 +56,8 @@ pub(crate) struct Command {
     pub(crate) key_grant: Option<(Uuid, Vec<u8>)>,
     /// The command creates its stream (a fresh id): there is no head to read.
     pub(crate) creates: bool,
+    /// The caller's API key, taken from memory: the statement that records the command checks it.
+    pub(crate) key_check: Option<Arc<KeyCheck>>,
 }
 
 /// What a route decided, given the stream's head.
@@ -157,6 +161,7 @@ pub(crate) async fn execute(
             idempotency_key: command.idempotency_key.as_deref(),
             request_hash: &command.request_hash,
             response: &decision.response,
+            api_key: command.key_check.as_ref().map(|k| k.key_id()),
         };
         if state.fault == Some(Fault::LoseEveryRace) && !command.creates {
             // The injected fault: answered as a compare-and-set that found the head moved.
@@ -174,6 +179,9 @@ pub(crate) async fn execute(
         .await;
         match written {
             Ok(event_store::CommandWritten::Appended) => {
+                if let Some(check) = &command.key_check {
+                    check.confirmed();
+                }
                 drop(client);
                 return published(state, &command, decision).await;
             }
@@ -186,6 +194,12 @@ pub(crate) async fn execute(
                 return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
             }
             Err(StoreError::VersionMismatch { .. }) => continue,
+            Err(StoreError::KeyRevoked(_)) => {
+                if let Some(check) = &command.key_check {
+                    check.revoked(state);
+                }
+                return Err(ApiError::Unauthenticated);
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -233,6 +247,20 @@ async fn execute_locked(
 ) -> Result<Outcome, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    if let Some(check) = &command.key_check {
+        let valid = tx
+            .query_opt(
+                &tx.prepare_cached("SELECT 1 FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
+                    .await?,
+                &[&check.key_id()],
+            )
+            .await?;
+        if valid.is_none() {
+            check.revoked(state);
+            return Err(ApiError::Unauthenticated);
+        }
+        check.confirmed();
+    }
     let head = event_store::lock_head::<Value>(&tx, command.aggregate_id).await?;
     let decision = decide(head)?;
     let inserted = tx
@@ -356,6 +384,7 @@ impl From<StoreError> for ApiError {
             StoreError::VersionMismatch { .. } | StoreError::AlreadyAnswered(_) => {
                 ApiError::Conflict(FieldError::new("id", "already exists"))
             }
+            StoreError::KeyRevoked(_) => ApiError::Unauthenticated,
             StoreError::Pool(e) => e.into(),
             StoreError::Postgres(e) => e.into(),
             StoreError::Kafka(e) => e.into(),

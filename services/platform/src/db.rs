@@ -65,6 +65,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "0010_unpublished_by_stream.sql",
         sql: include_str!("../../../sql/0010_unpublished_by_stream.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_append_command_with_key.sql",
+        sql: include_str!("../../../sql/0011_append_command_with_key.sql"),
+    },
 ];
 
 /// Advisory lock key serialising database-wide setup (extensions) across all schemas.

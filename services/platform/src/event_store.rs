@@ -45,6 +45,9 @@ pub enum StoreError {
     /// The event this append answers was already answered (a job run twice).
     #[error("event {0} is already answered")]
     AlreadyAnswered(Uuid),
+    /// The API key a command was made with is revoked (or gone): nothing was written.
+    #[error("API key {0} is revoked")]
+    KeyRevoked(Uuid),
     /// PostgreSQL failed.
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
@@ -140,6 +143,9 @@ pub struct CommandRecord<'a> {
     pub request_hash: &'a [u8],
     /// The answer, stored for retries.
     pub response: &'a serde_json::Value,
+    /// The API key the caller presented, if the write itself must check that it is not revoked (the
+    /// API remembers keys instead of reading them before every command).
+    pub api_key: Option<Uuid>,
 }
 
 /// What [`append_command`] did.
@@ -154,7 +160,9 @@ pub enum CommandWritten {
 /// Records `command`, moves the head of `aggregate_id` from `expected` (0: creates the stream) to
 /// `state` and appends `events` — in one statement, so one round trip and no lock held between
 /// statements (`sql/0009_append_command.sql`). A head no longer at `expected` writes nothing and is
-/// [`StoreError::VersionMismatch`]: the caller reads the head again and decides again.
+/// [`StoreError::VersionMismatch`]: the caller reads the head again and decides again. With
+/// `command.api_key`, the same statement first checks that the key is not revoked
+/// (`sql/0011_append_command_with_key.sql`; [`StoreError::KeyRevoked`], nothing written).
 pub async fn append_command(
     client: &impl GenericClient,
     command: &CommandRecord<'_>,
@@ -170,13 +178,14 @@ pub async fn append_command(
     let (sequences, ids, envelopes) = columns(aggregate_id, expected, events.iter())?;
     let statement = client
         .prepare_cached(
-            "SELECT catalog_append_command($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            "SELECT catalog_append_command_with_key($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .await?;
     let result = client
         .query_one(
             &statement,
             &[
+                &command.api_key,
                 &command.id,
                 &command.route,
                 &command.idempotency_key,
@@ -196,6 +205,9 @@ pub async fn append_command(
     match result {
         Ok(row) if row.get::<_, &str>(0) == "duplicate" => Ok(CommandWritten::Duplicate),
         Ok(_) => Ok(CommandWritten::Appended),
+        Err(e) if e.code().is_some_and(|c| c.code() == "CA401") => {
+            Err(StoreError::KeyRevoked(command.api_key.unwrap_or_default()))
+        }
         Err(e)
             if e.code().is_some_and(|c| c.code() == "CA409")
                 || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>

@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::{idempotency_key, path_id, request_id};
-use crate::auth::{self, Caller, ClientAddr};
+use crate::auth::{self, Caller, ClientAddr, Writer};
 use crate::commands::{self, Command, Decision};
 use crate::domain::{FieldError, NewProduct, Price, ProductPatch};
 use crate::error::ApiError;
@@ -66,8 +66,19 @@ async fn create_product(
     headers: HeaderMap,
     body: JsonFields,
 ) -> Result<Response, ApiError> {
-    let caller = auth::authenticate(&state, &headers, client).await?;
-    let key = idempotency_key(&headers)?;
+    let writer = auth::authenticate_writer(&state, &headers, client).await?;
+    let answer = create(&state, &writer, &headers, body).await;
+    writer.settle(&state, answer).await
+}
+
+async fn create(
+    state: &AppState,
+    writer: &Writer,
+    headers: &HeaderMap,
+    body: JsonFields,
+) -> Result<Response, ApiError> {
+    let caller = writer.caller();
+    let key = idempotency_key(headers)?;
     let new = NewProduct::parse(&body.fields).map_err(ApiError::Validation)?;
     let owner = match (new.user_id, caller.user_id()) {
         (Some(owner), _) if caller.may_act_for(owner) => owner,
@@ -86,12 +97,12 @@ async fn create_product(
     };
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(state, ROUTE, key, &hash).await? {
             return Ok(commands::created(outcome, "/products"));
         }
     }
     // A user's own credential proves the user exists; an admin naming a user is checked.
-    if caller.user_id() != Some(owner) && !user_exists(&state, owner).await? {
+    if caller.user_id() != Some(owner) && !user_exists(state, owner).await? {
         return Err(ApiError::Validation(vec![FieldError::new(
             "user_id",
             "no user with this id",
@@ -103,7 +114,7 @@ async fn create_product(
         new,
         owner,
         Utc::now(),
-        request_id(&headers),
+        request_id(headers),
         &caller.actor(),
     )?;
     let command = Command {
@@ -115,10 +126,11 @@ async fn create_product(
         email_claim: None,
         key_grant: None,
         creates: true,
+        key_check: writer.key_check(),
     };
     let product = serde_json::to_value(&product).expect("product serialises");
     let mut events = Some(events);
-    let outcome = commands::execute(&state, command, |head| {
+    let outcome = commands::execute(state, command, |head| {
         // A creation decides once: a fresh id has no head (one that has is a conflict).
         match (head, events.take()) {
             (None, Some(events)) => Ok(Decision {
@@ -275,7 +287,13 @@ fn product_response(outcome: commands::Outcome) -> Response {
 }
 
 /// The command of a change to product `id` (its own row id; the stream is the product's).
-fn change_of(id: Uuid, route: &'static str, key: Option<String>, hash: Vec<u8>) -> Command {
+fn change_of(
+    id: Uuid,
+    route: &'static str,
+    key: Option<String>,
+    hash: Vec<u8>,
+    writer: &Writer,
+) -> Command {
     Command {
         id: Uuid::now_v7(),
         aggregate_id: id,
@@ -285,6 +303,7 @@ fn change_of(id: Uuid, route: &'static str, key: Option<String>, hash: Vec<u8>) 
         email_claim: None,
         key_grant: None,
         creates: false,
+        key_check: writer.key_check(),
     }
 }
 
@@ -322,26 +341,38 @@ async fn patch_product(
     headers: HeaderMap,
     body: JsonFields,
 ) -> Result<Response, ApiError> {
-    let caller = auth::authenticate(&state, &headers, client).await?;
-    let id = path_id(&id)?;
-    let key = idempotency_key(&headers)?;
-    let expected = if_match(&headers)?;
+    let writer = auth::authenticate_writer(&state, &headers, client).await?;
+    let answer = patch(&state, &writer, &id, &headers, body).await;
+    writer.settle(&state, answer).await
+}
+
+async fn patch(
+    state: &AppState,
+    writer: &Writer,
+    id: &str,
+    headers: &HeaderMap,
+    body: JsonFields,
+) -> Result<Response, ApiError> {
+    let caller = writer.caller();
+    let id = path_id(id)?;
+    let key = idempotency_key(headers)?;
+    let expected = if_match(headers)?;
     let patch = ProductPatch::parse(&body.fields).map_err(ApiError::Validation)?;
     let hash = commands::request_hash(PATCH_ROUTE, Some(id), &body.bytes);
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(&state, PATCH_ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(state, PATCH_ROUTE, key, &hash).await? {
             return Ok(product_response(outcome));
         }
     }
-    let correlation_id = request_id(&headers);
-    let command = change_of(id, PATCH_ROUTE, key, hash);
-    let outcome = commands::execute(&state, command, |head| {
-        let (version, product) = changeable(head, expected, &caller)?;
+    let correlation_id = request_id(headers);
+    let command = change_of(id, PATCH_ROUTE, key, hash, writer);
+    let outcome = commands::execute(state, command, |head| {
+        let (version, product) = changeable(head, expected, caller)?;
         let changes = patch_events(&product, patch.clone());
-        decide_changes(version, product, changes, correlation_id.clone(), &caller)
+        decide_changes(version, product, changes, correlation_id.clone(), caller)
     })
     .await?;
-    forget_cached(&state, id, &outcome).await;
+    forget_cached(state, id, &outcome).await;
     Ok(product_response(outcome))
 }
 
@@ -413,27 +444,38 @@ async fn delete_product(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let caller = auth::authenticate(&state, &headers, client).await?;
-    let id = path_id(&id)?;
-    let key = idempotency_key(&headers)?;
-    let expected = if_match(&headers)?;
+    let writer = auth::authenticate_writer(&state, &headers, client).await?;
+    let answer = delete(&state, &writer, &id, &headers).await;
+    writer.settle(&state, answer).await
+}
+
+async fn delete(
+    state: &AppState,
+    writer: &Writer,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = writer.caller();
+    let id = path_id(id)?;
+    let key = idempotency_key(headers)?;
+    let expected = if_match(headers)?;
     let hash = commands::request_hash(DELETE_ROUTE, Some(id), b"");
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(&state, DELETE_ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(state, DELETE_ROUTE, key, &hash).await? {
             let mut response = StatusCode::NO_CONTENT.into_response();
             commands::replayed_header(&mut response, &outcome);
             return Ok(response);
         }
     }
-    let correlation_id = request_id(&headers);
-    let command = change_of(id, DELETE_ROUTE, key, hash);
-    let outcome = commands::execute(&state, command, |head| {
-        let (version, product) = changeable(head, expected, &caller)?;
+    let correlation_id = request_id(headers);
+    let command = change_of(id, DELETE_ROUTE, key, hash, writer);
+    let outcome = commands::execute(state, command, |head| {
+        let (version, product) = changeable(head, expected, caller)?;
         let changes = vec![ProductEvent::Deleted(events::ProductDeleted {})];
-        decide_changes(version, product, changes, correlation_id.clone(), &caller)
+        decide_changes(version, product, changes, correlation_id.clone(), caller)
     })
     .await?;
-    forget_cached(&state, id, &outcome).await;
+    forget_cached(state, id, &outcome).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

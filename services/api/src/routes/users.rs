@@ -89,6 +89,7 @@ async fn create_user(
         request_hash: hash,
         email_claim: Some(email_lower),
         key_grant: Some((api_key.id, api_key.digest.clone())),
+        key_check: None,
         creates: true,
     };
     let user = serde_json::to_value(&user).expect("user serialises");
