@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::helpers::{TEST_ADMIN_KEY, eventually_within};
 use crate::pipeline::ImageServer;
-use crate::procs::{PrivateBroker, PrivateRedis, PrivateS3, free_port, signal};
+use crate::procs::{PrivateBroker, PrivatePostgres, PrivateRedis, PrivateS3, free_port, signal};
 
 /// A small deterministic generator (xorshift), so a run's moments can be repeated from its seed.
 struct Rng(u64);
@@ -36,116 +36,6 @@ impl Rng {
 
     fn millis(&mut self, from: u64, to: u64) -> Duration {
         Duration::from_millis(from + self.next() % (to - from).max(1))
-    }
-}
-
-/// Runs `program args…` (as the `postgres` user when this process is root, as initdb and postgres
-/// refuse root) and fails the test if it fails.
-fn run_as_postgres(program: &str, args: &[&str]) {
-    let program = postgres_tool(program);
-    let program = program.as_str();
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let mut command = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", program]);
-        c
-    } else {
-        Command::new(program)
-    };
-    let out = command.args(args).output().expect("runs");
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `initdb` or `pg_ctl`: from `PATH` when there, else from the server's own directory (Debian keeps
-/// them in /usr/lib/postgresql/<version>/bin, off `PATH`), newest version first. Always an absolute path: `runuser` searches the caller's `PATH` as the `postgres` user, who may not
-/// read some of its directories.
-fn postgres_tool(name: &str) -> String {
-    let on_path = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|p| p.starts_with('/'));
-    if let Some(path) = on_path {
-        return path;
-    }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    dirs.sort_by_key(|d| {
-        d.parent()
-            .and_then(|v| v.file_name())
-            .and_then(|v| v.to_str())
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.iter()
-        .rev()
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found on PATH or in /usr/lib/postgresql/*/bin"))
-        .display()
-        .to_string()
-}
-
-/// A PostgreSQL cluster of its own (initdb, pg_ctl), on its own port, that the run may restart.
-struct PrivatePostgres {
-    port: u16,
-    dir: PathBuf,
-}
-
-impl PrivatePostgres {
-    fn start() -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("catalog-chaos-pg-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = Command::new("chown")
-            .args(["postgres:postgres", &dir.display().to_string()])
-            .status();
-        let data = dir.display().to_string();
-        run_as_postgres(
-            "initdb",
-            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
-        );
-        let pg = Self { port, dir };
-        pg.ctl("start");
-        pg
-    }
-
-    fn ctl(&self, action: &str) {
-        let data = self.dir.display().to_string();
-        let options = format!(
-            "-p {} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port
-        );
-        let log = format!("{data}/postgres.log");
-        let mut args = vec!["-D", &data, "-l", &log, "-w", "-o", &options];
-        if action == "restart" {
-            args.extend(["-m", "fast"]);
-        }
-        args.push(action);
-        run_as_postgres("pg_ctl", &args);
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let data = self.dir.display().to_string();
-        run_as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
-        // A failed run keeps the cluster for a look (pg_ctl -D … start).
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

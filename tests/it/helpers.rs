@@ -26,6 +26,8 @@ pub struct TestEnv {
     pub prefix: String,
     /// The Kafka-protocol broker of this test (the shared test broker unless a test starts its own).
     pub brokers: String,
+    /// The PostgreSQL port on 127.0.0.1 (the shared server unless a test starts its own).
+    pub db_port: u16,
 }
 
 /// Arguments common to every service of a test environment.
@@ -33,6 +35,8 @@ fn common_args(env: &TestEnv) -> Vec<String> {
     [
         "--db-name",
         "catalog_test",
+        "--db-port",
+        &env.db_port.to_string(),
         "--db-schema",
         &env.schema,
         "--db-pool-size",
@@ -59,6 +63,12 @@ impl TestEnv {
 
     /// A fresh schema (migrated) and topic prefix (topics created) on the broker at `brokers`.
     pub async fn on(brokers: String) -> Self {
+        Self::on_database(brokers, 5432).await
+    }
+
+    /// A fresh schema (migrated) on the PostgreSQL server at 127.0.0.1:`db_port`, and topic prefix
+    /// (topics created) on the broker at `brokers`.
+    pub async fn on_database(brokers: String, db_port: u16) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,6 +81,7 @@ impl TestEnv {
             schema: format!("t_{}", &id[..16]),
             prefix: format!("t{}.", &id[..16]),
             brokers,
+            db_port,
         };
         let db = env.db();
         platform::db::ensure_database(&db)

@@ -13,6 +13,7 @@ mod cache;
 mod changes;
 mod chaos;
 mod compose;
+mod db_faults;
 mod downstream;
 mod edits;
 mod fuzz;

@@ -407,15 +407,20 @@ async fn publish_stream_except(
     // BEGIN travels with the locking SELECT, and the mark with COMMIT: two round trips, not four.
     // The mark is committed without waiting for its WAL flush: it only records what the broker has
     // already acknowledged. A mark lost in a database crash leaves an event that was recorded before
-    // the server (re)started: such events, like any pending for over 2 s, are looked for in the log
-    // before anything is sent (by the relay always), so none is sent twice.
+    // the server came back: such events, like any pending for over 2 s, are looked for in the log
+    // before anything is sent (by the relay always), so none is sent twice. "Came back" is the later
+    // of the postmaster's start (a restart) and the last reset of the shared statistics, which
+    // PostgreSQL resets when it recovers from a crash of any of its processes without restarting the
+    // postmaster (`restart_after_crash`, e.g. a backend killed by the OOM killer) — the postmaster's
+    // start time does not move then, and unflushed commits are lost all the same.
     let tx = Pipelined(Some(pool.get().await?));
     let client = tx.client();
     let select = client
         .prepare_cached(
             "SELECT sequence, envelope, source, event_id, recorded_at,
                     recorded_at < now() - interval '2 seconds'
-                      OR recorded_at < pg_postmaster_start_time()
+                      OR recorded_at < greatest(pg_postmaster_start_time(),
+                                                pg_stat_get_bgwriter_stat_reset_time())
                FROM event_store
               WHERE aggregate_id = $1 AND published_at IS NULL
               ORDER BY sequence FOR UPDATE",
