@@ -421,6 +421,7 @@ async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_l
     // Reads (their own pool) and probes keep being answered while writes pile up behind the broker.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let listed = api.url(&format!("/products?user_id={user}"));
+    let mut most_waiting = 0.0_f64;
     for _ in 0..5 {
         let read = tokio::time::timeout(Duration::from_secs(5), api.http.get(&listed).send())
             .await
@@ -435,9 +436,14 @@ async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_l
         .expect("a probe answered during the flood")
         .unwrap();
         assert_eq!(probe.status(), 200);
+        most_waiting = most_waiting.max(publishes_waiting(&api).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     flood.await.unwrap();
+    assert!(
+        most_waiting > 0.0,
+        "publishes_waiting counts the writes queued for a publishing slot"
+    );
     let recorded = product_commands(&env).await;
     let waiting = recorded.iter().filter(|(_, published)| !published).count();
     assert!(
@@ -488,6 +494,18 @@ async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_l
         "every recorded event is in the log"
     );
     assert_eq!(log.len(), distinct.len(), "and none twice");
+    eventually("no publish waits for a slot any more", || async {
+        (publishes_waiting(&api).await == 0.0).then_some(())
+    })
+    .await;
     api.stop().await;
     env.cleanup().await;
+}
+
+/// The API's `publishes_waiting` gauge.
+async fn publishes_waiting(api: &TestApi) -> f64 {
+    let text = api.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("publishes_waiting "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

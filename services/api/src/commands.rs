@@ -334,11 +334,11 @@ async fn execute_locked(
 /// Publishes every unpublished event of the stream, in order, once one of the publishing slots is
 /// free (see [`crate::state::Shared::publishing`]).
 async fn publish(state: &AppState, aggregate_id: Uuid) -> Result<(), ApiError> {
-    let _slot = state
-        .publishing
-        .acquire()
-        .await
-        .map_err(|_| ApiError::Internal("the publishing slots are closed".into()))?;
+    let waiting = metrics::gauge!("publishes_waiting");
+    waiting.increment(1.0);
+    let slot = state.publishing.acquire().await;
+    waiting.decrement(1.0);
+    let _slot = slot.map_err(|_| ApiError::Internal("the publishing slots are closed".into()))?;
     guarded(
         state,
         event_store::publish_stream(&state.pool, &state.producer, &state.topics, aggregate_id),
