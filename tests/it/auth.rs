@@ -332,6 +332,56 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
     let again = post_product(&other, Some(&keys[0].1), &product(None)).await;
     assert_eq!(again.status(), 401);
 
+    // Over its rate, a remembered key is told 429 while valid and 401 once revoked.
+    let mut config = env.api_config();
+    config.auth.rate_per_sec = 0.01;
+    config.auth.rate_burst = 1.0;
+    let strict = env.spawn_api_with(config).await;
+    let strict_url = strict.url(&format!("/products/{id}"));
+    let issue_and_use_up = async || {
+        let issued: Value = anonymous()
+            .post(api.url(&format!("/users/{ada}/api-keys")))
+            .bearer_auth(&ada_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let secret = issued["api_key"].as_str().unwrap().to_owned();
+        let only = anonymous()
+            .patch(&strict_url)
+            .bearer_auth(&secret)
+            .json(&json!({"product_name": "Oak desk"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(only.status(), 200, "the one request its rate allows");
+        (issued["id"].as_str().unwrap().to_owned(), secret)
+    };
+    let (_, valid) = issue_and_use_up().await;
+    let (revoked_id, revoked) = issue_and_use_up().await;
+    let revoke = anonymous()
+        .delete(api.url(&format!("/users/{ada}/api-keys/{revoked_id}")))
+        .bearer_auth(&ada_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 204);
+    assert_eq!(
+        post_product(&strict, Some(&valid), &product(None))
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        post_product(&strict, Some(&revoked), &product(None))
+            .await
+            .status(),
+        401
+    );
+    strict.stop().await;
+
     // Nothing was written: the product is still at version 3, and a valid key changes it.
     let r = anonymous()
         .patch(&url)

@@ -22,14 +22,27 @@ async fn pid_of(env: &TestEnv, backend_type: &str) -> u32 {
     u32::try_from(row.get::<_, i32>(0)).unwrap()
 }
 
-/// A connection to the environment's database, as soon as the server accepts one again.
-async fn connect_when_back(env: &TestEnv) -> deadpool_postgres::Object {
+/// A connection to the environment's database once the server has recovered from the crash of its
+/// process `crashed` (a new one of `backend_type` runs).
+async fn connect_when_back(
+    env: &TestEnv,
+    backend_type: &str,
+    crashed: u32,
+) -> deadpool_postgres::Object {
     let started = Instant::now();
     loop {
         let pool = platform::db::pool(&env.db()).unwrap();
         if let Ok(client) = pool.get().await {
-            if client.simple_query("SELECT 1").await.is_ok() {
-                return client;
+            let running = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = $1",
+                    &[&backend_type],
+                )
+                .await;
+            if let Ok(Some(row)) = running {
+                if u32::try_from(row.get::<_, i32>(0)).ok() != Some(crashed) {
+                    return client;
+                }
             }
         }
         assert!(
@@ -63,6 +76,7 @@ async fn marks_lost_when_a_database_process_crashes_send_no_event_twice() {
 
     let walwriter = pid_of(&env, "walwriter").await;
     signal(walwriter, "STOP");
+    let written = Instant::now();
     let created = api
         .http
         .post(api.url("/products"))
@@ -70,7 +84,6 @@ async fn marks_lost_when_a_database_process_crashes_send_no_event_twice() {
         .send()
         .await
         .unwrap();
-    let written = Instant::now();
     assert_eq!(created.status(), 201);
     let id: Uuid = created.json::<Value>().await.unwrap()["id"]
         .as_str()
@@ -90,30 +103,39 @@ async fn marks_lost_when_a_database_process_crashes_send_no_event_twice() {
 
     // A crash of one server process: the postmaster terminates the others and recovers.
     signal(walwriter, "KILL");
-    let client = connect_when_back(&env).await;
+    let client = connect_when_back(&env, "walwriter", walwriter).await;
     let after: i64 = client.query_one(unmarked, &[&id]).await.unwrap().get(0);
     assert_eq!(after, 2, "the crash lost both unflushed marks");
-    let postmaster_restarted: bool = client
+    let (postmaster_restarted, statistics_reset): (bool, bool) = client
         .query_one(
-            "SELECT pg_postmaster_start_time() > min(recorded_at) FROM event_store
-              WHERE aggregate_id = $1",
+            "SELECT pg_postmaster_start_time() > min(recorded_at),
+                    pg_stat_get_bgwriter_stat_reset_time() > max(recorded_at)
+               FROM event_store WHERE aggregate_id = $1",
             &[&id],
         )
         .await
-        .unwrap()
-        .get(0);
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
     assert!(
         !postmaster_restarted,
         "the postmaster kept running: its start time is older than the events"
+    );
+    assert!(
+        statistics_reset,
+        "the recovery reset the shared statistics after the events were recorded"
     );
 
     // The next write of the stream, while the lost marks' events are under 2 s old.
     let url = api.url(&format!("/products/{id}"));
     let mut status = 0;
+    // One idempotency key: an attempt that recorded the edit and then met a dead connection is
+    // answered (and its events published) by the next.
+    let edit_key = Uuid::new_v4().to_string();
     for _ in 0..20 {
         status = api
             .http
             .patch(&url)
+            .header("idempotency-key", &edit_key)
             .json(&json!({"product_name": "Oak desk"}))
             .send()
             .await

@@ -204,7 +204,8 @@ pub struct Authenticator {
 /// How many API keys a process remembers (more: the oldest half is forgotten).
 const REMEMBERED_KEYS: usize = 50_000;
 /// How long a remembered key is taken without a lookup. Correctness does not depend on it (the write
-/// checks the key); it bounds how long a key row removed by hand would still be taken for commands.
+/// checks the key by id); it bounds how long a key row whose user was changed by hand would still be
+/// taken with its old user.
 const KEY_MEMORY: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Authenticator {
@@ -451,12 +452,19 @@ pub async fn authenticate_writer(
                 user_id,
                 credential: format!("key:{key_id}"),
             };
-            auth.take(
+            if let Err(retry_after) = auth.take(
                 &caller.credential(),
                 auth.config.rate_per_sec,
                 auth.config.rate_burst,
-            )
-            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+            ) {
+                // Over its rate: a revoked key is told 401 (as an anonymous caller), not 429.
+                if look_up_key(state, &digest).await?.is_none() {
+                    auth.forget(&digest);
+                    auth.limit_anonymous(client)?;
+                    return Err(ApiError::Unauthenticated);
+                }
+                return Err(ApiError::RateLimited { retry_after });
+            }
             return Ok(Writer {
                 caller,
                 check: Some(Arc::new(KeyCheck {
@@ -642,6 +650,36 @@ mod tests {
         assert!(!same_digest(&[1, 2], &[1, 2, 3]));
         assert_eq!(parse_hex("0aff"), Some(vec![10, 255]));
         assert_eq!(parse_hex("0g"), None);
+    }
+
+    #[test]
+    fn remembered_keys_are_forgotten_when_revoked_and_bounded_in_number() {
+        let config = <AuthConfig as clap::FromArgMatches>::from_arg_matches(
+            &<AuthConfig as clap::Args>::augment_args(clap::Command::new("x"))
+                .get_matches_from(["x"]),
+        )
+        .unwrap();
+        let auth = Authenticator::new(&config).unwrap();
+        let (key, user) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(auth.remembered(&[1; 32]), None);
+        auth.remember([1; 32], key, user);
+        assert_eq!(auth.remembered(&[1; 32]), Some((key, user)));
+        auth.forget(&[1; 32]);
+        assert_eq!(auth.remembered(&[1; 32]), None);
+        for i in 0..=REMEMBERED_KEYS as u32 {
+            let mut digest = [0; 32];
+            digest[..4].copy_from_slice(&i.to_be_bytes());
+            auth.remember(digest, key, user);
+        }
+        let kept = auth.keys.lock().unwrap().len();
+        assert!(kept <= REMEMBERED_KEYS, "{kept}");
+        let mut newest = [0; 32];
+        newest[..4].copy_from_slice(&(REMEMBERED_KEYS as u32).to_be_bytes());
+        assert_eq!(
+            auth.remembered(&newest),
+            Some((key, user)),
+            "the newest stays"
+        );
     }
 
     #[test]

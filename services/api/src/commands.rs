@@ -98,27 +98,39 @@ pub(crate) fn request_hash(route: &str, id: Option<Uuid>, body: &[u8]) -> Vec<u8
 }
 
 /// If `key` was used before on `route`, the outcome of that command (after publishing what its
-/// stream still has unpublished).
+/// stream still has unpublished). A caller's API key taken from memory (`key_check`) is checked in
+/// the same query, before anything is published or answered.
 pub(crate) async fn replay_if_known(
     state: &AppState,
     route: &str,
     key: &str,
     request_hash: &[u8],
+    key_check: Option<&KeyCheck>,
 ) -> Result<Option<Outcome>, ApiError> {
     let client = state.pool.get().await?;
+    let api_key = key_check.map(KeyCheck::key_id);
     let row = client
         .query_opt(
             &client
                 .prepare_cached(
-                    "SELECT request_hash, response, aggregate_id FROM api_commands
-              WHERE route = $1 AND idempotency_key = $2",
+                    "SELECT request_hash, response, aggregate_id,
+                            EXISTS (SELECT 1 FROM api_keys WHERE id = $3 AND revoked_at IS NULL)
+                       FROM api_commands
+                      WHERE route = $1 AND idempotency_key = $2",
                 )
                 .await?,
-            &[&route, &key],
+            &[&route, &key, &api_key],
         )
         .await?;
     drop(client);
     let Some(row) = row else { return Ok(None) };
+    if let Some(check) = key_check {
+        if !row.get::<_, bool>(3) {
+            check.revoked(state);
+            return Err(ApiError::Unauthenticated);
+        }
+        check.confirmed();
+    }
     let stored_hash: Vec<u8> = row.get(0);
     if stored_hash != request_hash {
         return Err(ApiError::IdempotencyKeyReused);
@@ -186,11 +198,18 @@ pub(crate) async fn execute(
                 return published(state, &command, decision).await;
             }
             Ok(event_store::CommandWritten::Duplicate) => {
-                // A concurrent request with the same key won the race: answer as its retry.
+                // A concurrent request with the same key won the race: answer as its retry. (The
+                // statement checked the caller's key before it found the duplicate.)
+                if let Some(check) = &command.key_check {
+                    check.confirmed();
+                }
                 drop(client);
                 return replay_concurrent(state, &command).await;
             }
             Err(StoreError::VersionMismatch { .. }) if command.creates => {
+                if let Some(check) = &command.key_check {
+                    check.confirmed();
+                }
                 return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
             }
             Err(StoreError::VersionMismatch { .. }) => continue,
@@ -210,9 +229,15 @@ pub(crate) async fn execute(
 /// The answer of a command whose idempotency key a concurrent request recorded first.
 async fn replay_concurrent(state: &AppState, command: &Command) -> Result<Outcome, ApiError> {
     let key = command.idempotency_key.as_deref().unwrap_or_default();
-    replay_if_known(state, command.route, key, &command.request_hash)
-        .await?
-        .ok_or_else(|| ApiError::Internal("idempotency row vanished".into()))
+    replay_if_known(
+        state,
+        command.route,
+        key,
+        &command.request_hash,
+        command.key_check.as_deref(),
+    )
+    .await?
+    .ok_or_else(|| ApiError::Internal("idempotency row vanished".into()))
 }
 
 /// After the command is recorded: publishes its events in order and answers.
@@ -247,6 +272,10 @@ async fn execute_locked(
 ) -> Result<Outcome, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    let head = event_store::lock_head::<Value>(&tx, command.aggregate_id).await?;
+    let decision = decide(head)?;
+    // The caller's key taken from memory, checked now that the head is locked and the command is
+    // about to be recorded (as the one-statement path checks it in that statement).
     if let Some(check) = &command.key_check {
         let valid = tx
             .query_opt(
@@ -261,8 +290,6 @@ async fn execute_locked(
         }
         check.confirmed();
     }
-    let head = event_store::lock_head::<Value>(&tx, command.aggregate_id).await?;
-    let decision = decide(head)?;
     let inserted = tx
         .execute(
             &tx.prepare_cached("INSERT INTO api_commands (id, route, idempotency_key, request_hash, response, aggregate_id)

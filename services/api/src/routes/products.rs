@@ -97,7 +97,10 @@ async fn create(
     };
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(state, ROUTE, key, &hash).await? {
+        if let Some(outcome) =
+            commands::replay_if_known(state, ROUTE, key, &hash, writer.key_check().as_deref())
+                .await?
+        {
             return Ok(commands::created(outcome, "/products"));
         }
     }
@@ -360,7 +363,15 @@ async fn patch(
     let patch = ProductPatch::parse(&body.fields).map_err(ApiError::Validation)?;
     let hash = commands::request_hash(PATCH_ROUTE, Some(id), &body.bytes);
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(state, PATCH_ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(
+            state,
+            PATCH_ROUTE,
+            key,
+            &hash,
+            writer.key_check().as_deref(),
+        )
+        .await?
+        {
             return Ok(product_response(outcome));
         }
     }
@@ -461,7 +472,15 @@ async fn delete(
     let expected = if_match(headers)?;
     let hash = commands::request_hash(DELETE_ROUTE, Some(id), b"");
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(state, DELETE_ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(
+            state,
+            DELETE_ROUTE,
+            key,
+            &hash,
+            writer.key_check().as_deref(),
+        )
+        .await?
+        {
             let mut response = StatusCode::NO_CONTENT.into_response();
             commands::replayed_header(&mut response, &outcome);
             return Ok(response);

@@ -56,7 +56,7 @@ async fn create_user(
     let new = NewUser::parse(&body.fields).map_err(ApiError::Validation)?;
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
     if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash).await? {
+        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash, None).await? {
             return Ok(commands::created(outcome, "/users"));
         }
     }
