@@ -203,7 +203,7 @@ pub async fn read_all(
             headers,
         });
     }
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    platform::kafka::close(consumer, std::time::Duration::from_secs(10)).await;
     Ok(out)
 }
 

@@ -553,13 +553,25 @@ impl rdkafka::consumer::ConsumerContext for WatchedContext {
     }
 }
 
-/// Closes a consumer on a blocking thread, waiting at most `timeout` (leaving the group can block).
-pub async fn close<C: rdkafka::consumer::ConsumerContext + 'static>(
-    consumer: StreamConsumer<C>,
-    timeout: Duration,
-) {
-    let _ =
-        tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || drop(consumer))).await;
+/// Closes a Kafka client (a consumer leaves its group) on a thread of its own, waiting at most
+/// `timeout`. Closing can block for good: librdkafka's last poll of a closing consumer may meet a
+/// rebalance and wait without limit for an incremental unassign that its main thread never answers
+/// (seen in a test). Not on tokio's blocking pool: a runtime waits for its blocking tasks when it
+/// shuts down, so one stuck close would keep a service (or a test) from ever exiting.
+pub async fn close<T: Send + 'static>(client: T, timeout: Duration) {
+    let (closed, finished) = tokio::sync::oneshot::channel::<()>();
+    let closing = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            drop(client);
+            let _ = closed.send(());
+        });
+    if closing.is_ok() && tokio::time::timeout(timeout, finished).await.is_err() {
+        tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            "a Kafka client did not close in time; left closing on its own thread"
+        );
+    }
 }
 
 /// Like [`consumer`], with a context that can take over rebalances (e.g. to start each assigned

@@ -234,7 +234,7 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplayReport, ReplayError
     if let Some(progress) = progress {
         progress.finish(&format!("{} events replayed", report.events));
     }
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    platform::kafka::close(consumer, std::time::Duration::from_secs(10)).await;
     if report.switched {
         report.changed_products = changed_products(&live_pool, &live_schema, &retired).await?;
         invalidate(options, &report.changed_products).await;
