@@ -287,6 +287,21 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
         assert_eq!(warm.status(), 200, "a patch that changes nothing");
         keys.push((issued["id"].as_str().unwrap().to_owned(), secret));
     }
+    // `other` remembers them: a command by one reads no key (the write checks it).
+    let lookups_before = key_lookups(&other).await;
+    let remembered = anonymous()
+        .patch(&url)
+        .bearer_auth(&keys[0].1)
+        .json(&json!({"product_name": "Oak desk"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(remembered.status(), 200);
+    assert_eq!(
+        key_lookups(&other).await,
+        lookups_before,
+        "a remembered key is not looked up for a command"
+    );
     for (key_id, _) in &keys {
         let revoked = anonymous()
             .delete(api.url(&format!("/users/{ada}/api-keys/{key_id}")))
@@ -395,6 +410,15 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
     api.stop().await;
     other.stop().await;
     env.cleanup().await;
+}
+
+/// The API's `api_key_lookups_total`, all results together.
+async fn key_lookups(api: &TestApi) -> f64 {
+    let text = api.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("api_key_lookups_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]

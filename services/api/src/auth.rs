@@ -501,6 +501,11 @@ async fn look_up_key(
     if let Some((key_id, user_id)) = found {
         state.auth.remember(*digest, key_id, user_id);
     }
+    metrics::counter!(
+        "api_key_lookups_total",
+        "result" => if found.is_some() { "valid" } else { "refused" }
+    )
+    .increment(1);
     Ok(found)
 }
 
