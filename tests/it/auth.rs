@@ -37,6 +37,47 @@ fn product(user: Option<&str>) -> Value {
     body
 }
 
+/// Issues another API key to `user`, asked with `key` (one of the user's own): its id and the key.
+async fn issue_key(api: &TestApi, user: &str, key: &str) -> (String, String) {
+    let issued: Value = anonymous()
+        .post(api.url(&format!("/users/{user}/api-keys")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        issued["id"].as_str().unwrap().to_owned(),
+        issued["api_key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Revokes key `key_id` of `user`, asked with `key`: `204`.
+async fn revoke_key(api: &TestApi, user: &str, key_id: &str, key: &str) {
+    let revoked = anonymous()
+        .delete(api.url(&format!("/users/{user}/api-keys/{key_id}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+}
+
+/// `PATCH url {"product_name": "Oak desk"}` with `key`: a patch that changes nothing once the product
+/// is renamed so.
+async fn rename_to_oak(url: &str, key: &str) -> reqwest::StatusCode {
+    anonymous()
+        .patch(url)
+        .bearer_auth(key)
+        .json(&json!({"product_name": "Oak desk"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 async fn post_product(api: &TestApi, token: Option<&str>, body: &Value) -> reqwest::Response {
     let mut r = anonymous().post(api.url("/products")).json(body);
     if let Some(token) = token {
@@ -154,29 +195,14 @@ async fn writes_need_a_valid_credential_of_the_owner_and_no_secret_is_ever_logge
             .status(),
         403
     );
-    let issued: Value = anonymous()
-        .post(&keys_url)
-        .bearer_auth(&ada_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let new_key = issued["api_key"].as_str().unwrap().to_owned();
+    let (_, new_key) = issue_key(&api, &ada, &ada_key).await;
     assert_eq!(
         post_product(&second, Some(&ada_key), &product(None))
             .await
             .status(),
         201
     );
-    let revoked = anonymous()
-        .delete(api.url(&format!("/users/{ada}/api-keys/{ada_key_id}")))
-        .bearer_auth(&new_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
+    revoke_key(&api, &ada, &ada_key_id, &new_key).await;
     // The other process used the key (and remembers it): its very next request is refused all the same.
     let refused = post_product(&second, Some(&ada_key), &product(None)).await;
     assert_eq!(
@@ -267,49 +293,24 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
     ];
     let mut keys = Vec::new();
     for _ in cases {
-        let issued: Value = anonymous()
-            .post(api.url(&format!("/users/{ada}/api-keys")))
-            .bearer_auth(&ada_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let secret = issued["api_key"].as_str().unwrap().to_owned();
-        let warm = anonymous()
-            .patch(&url)
-            .bearer_auth(&secret)
-            .json(&json!({"product_name": "Oak desk"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(warm.status(), 200, "a patch that changes nothing");
-        keys.push((issued["id"].as_str().unwrap().to_owned(), secret));
+        let (key_id, secret) = issue_key(&api, &ada, &ada_key).await;
+        assert_eq!(
+            rename_to_oak(&url, &secret).await,
+            200,
+            "a patch that changes nothing"
+        );
+        keys.push((key_id, secret));
     }
     // `other` remembers them: a command by one reads no key (the write checks it).
     let lookups_before = key_lookups(&other).await;
-    let remembered = anonymous()
-        .patch(&url)
-        .bearer_auth(&keys[0].1)
-        .json(&json!({"product_name": "Oak desk"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(remembered.status(), 200);
+    assert_eq!(rename_to_oak(&url, &keys[0].1).await, 200);
     assert_eq!(
         key_lookups(&other).await,
         lookups_before,
         "a remembered key is not looked up for a command"
     );
     for (key_id, _) in &keys {
-        let revoked = anonymous()
-            .delete(api.url(&format!("/users/{ada}/api-keys/{key_id}")))
-            .bearer_auth(&ada_key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(revoked.status(), 204);
+        revoke_key(&api, &ada, key_id, &ada_key).await;
     }
 
     let unknown = other.url(&format!("/products/{}", Uuid::now_v7()));
@@ -354,35 +355,17 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
     let strict = env.spawn_api_with(config).await;
     let strict_url = strict.url(&format!("/products/{id}"));
     let issue_and_use_up = async || {
-        let issued: Value = anonymous()
-            .post(api.url(&format!("/users/{ada}/api-keys")))
-            .bearer_auth(&ada_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let secret = issued["api_key"].as_str().unwrap().to_owned();
-        let only = anonymous()
-            .patch(&strict_url)
-            .bearer_auth(&secret)
-            .json(&json!({"product_name": "Oak desk"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(only.status(), 200, "the one request its rate allows");
-        (issued["id"].as_str().unwrap().to_owned(), secret)
+        let (key_id, secret) = issue_key(&api, &ada, &ada_key).await;
+        assert_eq!(
+            rename_to_oak(&strict_url, &secret).await,
+            200,
+            "the one request its rate allows"
+        );
+        (key_id, secret)
     };
     let (_, valid) = issue_and_use_up().await;
     let (revoked_id, revoked) = issue_and_use_up().await;
-    let revoke = anonymous()
-        .delete(api.url(&format!("/users/{ada}/api-keys/{revoked_id}")))
-        .bearer_auth(&ada_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoke.status(), 204);
+    revoke_key(&api, &ada, &revoked_id, &ada_key).await;
     assert_eq!(
         post_product(&strict, Some(&valid), &product(None))
             .await
@@ -414,11 +397,11 @@ async fn a_key_revoked_elsewhere_is_refused_on_every_command_path_of_a_process_t
 
 /// The API's `api_key_lookups_total`, all results together.
 async fn key_lookups(api: &TestApi) -> f64 {
-    let text = api.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("api_key_lookups_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::metrics::sum(
+        &crate::metrics::scrape(&api.url("/metrics")).await,
+        "api_key_lookups_total",
+        &[],
+    )
 }
 
 #[tokio::test]

@@ -507,8 +507,9 @@ async fn a_flood_of_writes_abandoned_during_a_broker_stall_starves_no_read_and_l
 
 /// The API's `publishes_waiting` gauge.
 async fn publishes_waiting(api: &TestApi) -> f64 {
-    let text = api.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("publishes_waiting "))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    crate::metrics::sum(
+        &crate::metrics::scrape(&api.url("/metrics")).await,
+        "publishes_waiting",
+        &[],
+    )
 }

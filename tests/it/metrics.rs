@@ -9,7 +9,7 @@ use crate::procs::free_port;
 
 /// Scrapes `url` and returns every sample as `series → value` (series = name with its labels, as
 /// printed, labels sorted).
-async fn scrape(url: &str) -> HashMap<String, f64> {
+pub(crate) async fn scrape(url: &str) -> HashMap<String, f64> {
     let response = reqwest::get(url).await.unwrap();
     assert_eq!(response.status(), 200, "{url}");
     let content_type = response.headers()["content-type"]
@@ -47,7 +47,7 @@ fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
 }
 
 /// Sum of every series named `name` whose labels include all of `with`.
-fn sum(samples: &HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
+pub(crate) fn sum(samples: &HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
     samples
         .iter()
         .filter(|(s, _)| {

@@ -638,6 +638,16 @@ pub fn digest_hex(key: &str) -> String {
 mod tests {
     use super::*;
 
+    /// An authenticator with the default settings.
+    fn default_authenticator() -> Authenticator {
+        let config = <AuthConfig as clap::FromArgMatches>::from_arg_matches(
+            &<AuthConfig as clap::Args>::augment_args(clap::Command::new("x"))
+                .get_matches_from(["x"]),
+        )
+        .unwrap();
+        Authenticator::new(&config).unwrap()
+    }
+
     #[test]
     fn keys_are_prefixed_256_bit_and_never_shown_by_debug() {
         let key = issue_key().unwrap();
@@ -659,12 +669,7 @@ mod tests {
 
     #[test]
     fn remembered_keys_are_forgotten_when_revoked_and_bounded_in_number() {
-        let config = <AuthConfig as clap::FromArgMatches>::from_arg_matches(
-            &<AuthConfig as clap::Args>::augment_args(clap::Command::new("x"))
-                .get_matches_from(["x"]),
-        )
-        .unwrap();
-        let auth = Authenticator::new(&config).unwrap();
+        let auth = default_authenticator();
         let (key, user) = (Uuid::now_v7(), Uuid::now_v7());
         assert_eq!(auth.remembered(&[1; 32]), None);
         auth.remember([1; 32], key, user);
@@ -689,12 +694,7 @@ mod tests {
 
     #[test]
     fn buckets_refill_at_the_configured_rate() {
-        let config = <AuthConfig as clap::FromArgMatches>::from_arg_matches(
-            &<AuthConfig as clap::Args>::augment_args(clap::Command::new("x"))
-                .get_matches_from(["x"]),
-        )
-        .unwrap();
-        let auth = Authenticator::new(&config).unwrap();
+        let auth = default_authenticator();
         assert!(auth.take("k", 1.0, 2.0).is_ok());
         assert!(auth.take("k", 1.0, 2.0).is_ok());
         assert_eq!(auth.take("k", 1.0, 2.0), Err(1));

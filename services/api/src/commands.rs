@@ -60,6 +60,23 @@ pub(crate) struct Command {
     pub(crate) key_check: Option<Arc<KeyCheck>>,
 }
 
+impl Command {
+    /// The statement that recorded (or refused) the command found the caller's remembered key valid.
+    fn key_confirmed(&self) {
+        if let Some(check) = &self.key_check {
+            check.confirmed();
+        }
+    }
+
+    /// The database found the caller's remembered key revoked: it is forgotten, and the answer is 401.
+    fn key_revoked(&self, state: &AppState) -> ApiError {
+        if let Some(check) = &self.key_check {
+            check.revoked(state);
+        }
+        ApiError::Unauthenticated
+    }
+}
+
 /// What a route decided, given the stream's head.
 pub(crate) struct Decision {
     /// The version the events follow (0: the stream is created).
@@ -191,33 +208,24 @@ pub(crate) async fn execute(
         .await;
         match written {
             Ok(event_store::CommandWritten::Appended) => {
-                if let Some(check) = &command.key_check {
-                    check.confirmed();
-                }
+                command.key_confirmed();
                 drop(client);
                 return published(state, &command, decision).await;
             }
             Ok(event_store::CommandWritten::Duplicate) => {
                 // A concurrent request with the same key won the race: answer as its retry. (The
                 // statement checked the caller's key before it found the duplicate.)
-                if let Some(check) = &command.key_check {
-                    check.confirmed();
-                }
+                command.key_confirmed();
                 drop(client);
                 return replay_concurrent(state, &command).await;
             }
             Err(StoreError::VersionMismatch { .. }) if command.creates => {
-                if let Some(check) = &command.key_check {
-                    check.confirmed();
-                }
+                command.key_confirmed();
                 return Err(ApiError::Conflict(FieldError::new("id", "already exists")));
             }
             Err(StoreError::VersionMismatch { .. }) => continue,
             Err(StoreError::KeyRevoked(_)) => {
-                if let Some(check) = &command.key_check {
-                    check.revoked(state);
-                }
-                return Err(ApiError::Unauthenticated);
+                return Err(command.key_revoked(state));
             }
             Err(e) => return Err(e.into()),
         }
@@ -285,10 +293,9 @@ async fn execute_locked(
             )
             .await?;
         if valid.is_none() {
-            check.revoked(state);
-            return Err(ApiError::Unauthenticated);
+            return Err(command.key_revoked(state));
         }
-        check.confirmed();
+        command.key_confirmed();
     }
     let inserted = tx
         .execute(
