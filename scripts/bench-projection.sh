@@ -15,9 +15,11 @@ brokers=127.0.0.1:19192
 prefix="benchp$RANDOM."
 export DB_NAME=catalog_bench LOG_FORMAT=json RUST_LOG=warn
 
-# One record per producer batch, as the services produce on the development broker (Tansu 0.6 cannot
-# resume a fetch inside a multi-record batch); BENCH_PRODUCER_BATCH=10000 measures librdkafka's batching.
-KAFKA_PRODUCER_BATCH_MESSAGES="${BENCH_PRODUCER_BATCH:-1}" "$bin/projection-ceiling" generate "$brokers" "$prefix" "$EVENTS"
+# Records per producer batch: by default what `just dev` uses on this broker (10000 on the patched Tansu,
+# 1 on a stock one, which cannot resume a fetch inside a multi-record batch); BENCH_PRODUCER_BATCH=N
+# overrides it.
+BENCH_PRODUCER_BATCH="${BENCH_PRODUCER_BATCH:-$(scripts/broker.sh batch-messages bench)}"
+KAFKA_PRODUCER_BATCH_MESSAGES="$BENCH_PRODUCER_BATCH" "$bin/projection-ceiling" generate "$brokers" "$prefix" "$EVENTS"
 with_redis=$("$bin/projection-ceiling" measure "$brokers" "$prefix" bench_projection redis://127.0.0.1:6379)
 # Nothing listens on port 1: every invalidation fails (the projector keeps them and goes on).
 no_redis=$("$bin/projection-ceiling" measure "$brokers" "$prefix" bench_projection redis://127.0.0.1:1)
@@ -48,8 +50,8 @@ read -r bare2 proj2 ratio2 <<<"$no_redis"
 echo
 echo "| run | bare consumer ev/s | projector ev/s | ratio |"
 echo "|---|---|---|---|"
-echo "| $EVENTS events (producer batch ${BENCH_PRODUCER_BATCH:-1}), Redis up | $bare | $proj | $ratio |"
-echo "| $EVENTS events (producer batch ${BENCH_PRODUCER_BATCH:-1}), Redis unreachable | $bare2 | $proj2 | $ratio2 |"
+echo "| $EVENTS events (producer batch $BENCH_PRODUCER_BATCH), Redis up | $bare | $proj | $ratio |"
+echo "| $EVENTS events (producer batch $BENCH_PRODUCER_BATCH), Redis unreachable | $bare2 | $proj2 | $ratio2 |"
 echo
 echo "replay (side by side + switch) of $EVENTS events: ${replay_s} s; $(cat "$tmp/replay.txt")"
 echo "longest single read during the replay and switch: $(cat "$tmp/reader.txt") ms"

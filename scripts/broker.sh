@@ -5,6 +5,9 @@
 #   scripts/broker.sh start NAME PORT     start a broker named NAME on 127.0.0.1:PORT unless one listens
 #   scripts/broker.sh restart NAME PORT   stop NAME (and any tansu on PORT) if running, start it fresh (empty)
 #   scripts/broker.sh stop NAME           stop NAME
+#   scripts/broker.sh batch-messages NAME the producer batch size (KAFKA_PRODUCER_BATCH_MESSAGES) safe for
+#                                         the broker NAME runs: librdkafka's 10000 on the patched build,
+#                                         1 on a stock tansu or a broker this script did not start
 #
 # State (pid, log) lives in .run/NAME/ under the repository. Storage is in memory: a restart is empty.
 #
@@ -112,6 +115,7 @@ start() {
         --storage-engine "memory://tansu/" \
         >"$dir/broker.log" 2>&1) &
     echo $! >"$dir/broker.pid"
+    echo "$bin" >"$dir/broker.bin"
     for _ in $(seq 1 100); do
         if listening "$port"; then echo "broker: $name started on 127.0.0.1:$port (pid $(cat "$dir/broker.pid"))"; return; fi
         sleep 0.1
@@ -129,7 +133,20 @@ stop() {
         for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     fi
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$root/.run/$1/broker.bin"
+}
+
+# Stock Tansu 0.6 answers a fetch that starts inside a multi-record batch from the next batch, so
+# consumers resuming there lose the rest of it; our patch fixes that (tansu-storage.patch). A broker
+# that is not known to be the patched build gets one record per batch.
+batch_messages() {
+    local file="$root/.run/$1/broker.bin"
+    if [ -f "$file" ] && [ "$(cat "$file")" = "$(patched_bin)" ] && [ -f "$root/.run/$1/broker.pid" ] &&
+        kill -0 "$(cat "$root/.run/$1/broker.pid")" 2>/dev/null; then
+        echo 10000
+    else
+        echo 1
+    fi
 }
 
 # A tansu on PORT that this checkout did not start (another checkout's `just test`, say): a restart
@@ -148,5 +165,6 @@ case "${1:-}" in
     start) start "$2" "$3" ;;
     restart) stop "$2"; stop_port "$3"; start "$2" "$3" ;;
     stop) stop "$2" ;;
-    *) echo "usage: $0 ensure | start NAME PORT | restart NAME PORT | stop NAME" >&2; exit 2 ;;
+    batch-messages) batch_messages "$2" ;;
+    *) echo "usage: $0 ensure | start NAME PORT | restart NAME PORT | stop NAME | batch-messages NAME" >&2; exit 2 ;;
 esac

@@ -10,7 +10,6 @@ cd "$root"
 "$root/scripts/check-services.sh"
 
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
-export KAFKA_PRODUCER_BATCH_MESSAGES="${KAFKA_PRODUCER_BATCH_MESSAGES:-1}"
 export DB_NAME="${DB_NAME:-catalog}"
 export API_ADDR="${API_ADDR:-127.0.0.1:8080}"
 export IMAGE_STORE="${IMAGE_STORE:-local}"
@@ -37,6 +36,9 @@ else
     "$bin/catalogctl" migrate
 fi
 "$bin/catalogctl" topics
+# librdkafka's batching on the patched broker; one record per batch on a stock tansu (scripts/broker.sh).
+export KAFKA_PRODUCER_BATCH_MESSAGES="${KAFKA_PRODUCER_BATCH_MESSAGES:-$("$root/scripts/broker.sh" batch-messages dev)}"
+echo "producer batches of up to $KAFKA_PRODUCER_BATCH_MESSAGES messages"
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

@@ -353,9 +353,6 @@ async fn acknowledged_writes_survive_every_fault_and_the_projection_equals_a_rep
         ("KAFKA_BROKERS", broker.addr()),
         ("KAFKA_TOPIC_PREFIX", "chaos.".to_owned()),
         ("KAFKA_TOPIC_PARTITIONS", "3".to_owned()),
-        // As in `just dev` and the tests: Tansu 0.6 skips the rest of a batch when a consumer
-        // starts inside one (README).
-        ("KAFKA_PRODUCER_BATCH_MESSAGES", "1".to_owned()),
         ("DB_PORT", pg.port.to_string()),
         ("DB_NAME", "catalog".to_owned()),
         ("DB_POOL_SIZE", "8".to_owned()),

@@ -47,8 +47,6 @@ fn common_args(env: &TestEnv) -> Vec<String> {
         &env.prefix,
         "--kafka-topic-partitions",
         "3",
-        "--kafka-producer-batch-messages",
-        "1",
     ]
     .iter()
     .map(|s| (*s).to_owned())

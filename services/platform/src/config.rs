@@ -100,9 +100,9 @@ pub struct KafkaConfig {
         default_value_t = 1
     )]
     pub topic_replication: i32,
-    /// Most messages a producer packs into one record batch. Keep the default on Apache Kafka; the
-    /// development and test broker (Tansu 0.6) skips the rest of a batch when a consumer starts
-    /// inside one, so `just dev` and the tests set 1.
+    /// Most messages a producer packs into one record batch. Keep the default. Only a stock Tansu 0.6
+    /// broker needs 1: it skips the rest of a batch when a consumer starts inside one (the patched
+    /// build that `just dev` and the tests use does not; README "Infrastructure").
     #[arg(
         long = "kafka-producer-batch-messages",
         env = "KAFKA_PRODUCER_BATCH_MESSAGES",
