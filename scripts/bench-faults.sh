@@ -17,6 +17,8 @@ redis_port=16390
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$tmp/redis.log" 2>&1 &
 redis_pid=$!
 
+# One record per producer batch, as when the figures in docs/BENCHMARKS.md were taken (before the
+# patched broker let `just dev` batch), so that new runs compare with them.
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench_faults \
     CACHE_KEY_PREFIX=benchf: LOG_FORMAT=json RUST_LOG=error REDIS_URL="redis://127.0.0.1:$redis_port"
 "$bin/catalogctl" migrate --reset >/dev/null

@@ -18,6 +18,8 @@ scripts/broker.sh restart bench 19192 >/dev/null
 scripts/s3.sh start 8333 >/dev/null
 "$bin/bench-photo" "$tmp/photo.jpg"
 serve_distinct_photos "$tmp/photo.jpg" 18198
+# One record per producer batch, as when the figures in docs/BENCHMARKS.md were taken (before the
+# patched broker let `just dev` batch), so that new runs compare with them.
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench_latency \
     CACHE_KEY_PREFIX=benchl: LOG_FORMAT=json RUST_LOG=warn,projector=debug,image_worker=info \
     IMAGE_STORE=s3 S3_ENDPOINT=http://127.0.0.1:8333 S3_BUCKET=images AWS_ACCESS_KEY_ID=catalog \

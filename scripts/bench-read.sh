@@ -16,6 +16,8 @@ cargo build --release --quiet --bin catalog-api --bin catalog-projector --bin ca
 cargo build --release --quiet -p benches --bin static-json
 scripts/broker.sh restart bench 19192 >/dev/null
 
+# One record per producer batch, as when the figures in docs/BENCHMARKS.md were taken (before the
+# patched broker let `just dev` batch), so that new runs compare with them.
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench \
     CACHE_KEY_PREFIX=bench: LOG_FORMAT=json RUST_LOG=warn
 "$bin/catalogctl" migrate --reset >/dev/null

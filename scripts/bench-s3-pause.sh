@@ -16,6 +16,8 @@ photo="${BENCH_PHOTO:-$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/webp-0.3
 [ -f "$photo" ] || { echo "set BENCH_PHOTO to a JPEG" >&2; exit 1; }
 cp "$photo" "$tmp/photo.jpg"
 serve_distinct_photos "$tmp/photo.jpg" 18199
+# One record per producer batch, as when the figures in docs/BENCHMARKS.md were taken (before the
+# patched broker let `just dev` batch), so that new runs compare with them.
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench_s3pause \
     CACHE_KEY_PREFIX=benchs3: LOG_FORMAT=json RUST_LOG=error IMAGE_STORE=s3 S3_ENDPOINT=http://127.0.0.1:8333 \
     S3_BUCKET=images AWS_ACCESS_KEY_ID=catalog AWS_SECRET_ACCESS_KEY=catalog-secret \

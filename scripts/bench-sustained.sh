@@ -9,6 +9,8 @@ command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null
 scripts/check-services.sh
 cargo build --release --quiet --bin catalog-api --bin catalog-projector --bin catalogctl
 scripts/broker.sh restart bench 19192 >/dev/null
+# One record per producer batch, as when the figures in docs/BENCHMARKS.md were taken (before the
+# patched broker let `just dev` batch), so that new runs compare with them.
 export KAFKA_BROKERS=127.0.0.1:19192 KAFKA_PRODUCER_BATCH_MESSAGES=1 DB_NAME=catalog_bench DB_SCHEMA=bench_sustained \
     CACHE_KEY_PREFIX=benchs: LOG_FORMAT=json RUST_LOG=warn PROJECTOR_GROUP_ID=bench-sustained
 "$bin/catalogctl" migrate --reset >/dev/null
