@@ -12,8 +12,8 @@
 # State (pid, log) lives in .run/NAME/ under the repository. Storage is in memory: a restart is empty.
 #
 # The broker is tansu 0.6.0 from crates.io with our patches (scripts/tansu/<crate>.patch: its group
-# coordinator keeps a dead group leader for good, and it cannot describe groups; README
-# "Infrastructure") built once per machine into
+# coordinator keeps a dead group leader for good, it cannot describe groups, and it mishandles
+# multi-record batches in fetch and ListOffsets; README "Infrastructure") built once per machine into
 # ~/.cache/catalog/tansu/<patch hash>/ (about 10 minutes on 2 cores). Tests need that build; `just dev`
 # and benchmarks use it when it is there and otherwise a stock tansu (on PATH or ../shared/bin/tansu),
 # so a first `just dev` does not wait for a compile. TANSU_BIN overrides both.
