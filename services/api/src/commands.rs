@@ -115,15 +115,16 @@ pub(crate) fn request_hash(route: &str, id: Option<Uuid>, body: &[u8]) -> Vec<u8
 }
 
 /// If `key` was used before on `route`, the outcome of that command (after publishing what its
-/// stream still has unpublished). A caller's API key taken from memory (`key_check`) is checked in
-/// the same query, before anything is published or answered.
+/// stream still has unpublished); `None` without a key. A caller's API key taken from memory
+/// (`key_check`) is checked in the same query, before anything is published or answered.
 pub(crate) async fn replay_if_known(
     state: &AppState,
     route: &str,
-    key: &str,
+    key: Option<&str>,
     request_hash: &[u8],
     key_check: Option<&KeyCheck>,
 ) -> Result<Option<Outcome>, ApiError> {
+    let Some(key) = key else { return Ok(None) };
     let client = state.pool.get().await?;
     let api_key = key_check.map(KeyCheck::key_id);
     let row = client
@@ -236,11 +237,10 @@ pub(crate) async fn execute(
 
 /// The answer of a command whose idempotency key a concurrent request recorded first.
 async fn replay_concurrent(state: &AppState, command: &Command) -> Result<Outcome, ApiError> {
-    let key = command.idempotency_key.as_deref().unwrap_or_default();
     replay_if_known(
         state,
         command.route,
-        key,
+        command.idempotency_key.as_deref(),
         &command.request_hash,
         command.key_check.as_deref(),
     )

@@ -96,13 +96,16 @@ async fn create(
         }
     };
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
-    if let Some(key) = &key {
-        if let Some(outcome) =
-            commands::replay_if_known(state, ROUTE, key, &hash, writer.key_check().as_deref())
-                .await?
-        {
-            return Ok(commands::created(outcome, "/products"));
-        }
+    if let Some(outcome) = commands::replay_if_known(
+        state,
+        ROUTE,
+        key.as_deref(),
+        &hash,
+        writer.key_check().as_deref(),
+    )
+    .await?
+    {
+        return Ok(commands::created(outcome, "/products"));
     }
     // A user's own credential proves the user exists; an admin naming a user is checked.
     if caller.user_id() != Some(owner) && !user_exists(state, owner).await? {
@@ -362,18 +365,16 @@ async fn patch(
     let expected = if_match(headers)?;
     let patch = ProductPatch::parse(&body.fields).map_err(ApiError::Validation)?;
     let hash = commands::request_hash(PATCH_ROUTE, Some(id), &body.bytes);
-    if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(
-            state,
-            PATCH_ROUTE,
-            key,
-            &hash,
-            writer.key_check().as_deref(),
-        )
-        .await?
-        {
-            return Ok(product_response(outcome));
-        }
+    if let Some(outcome) = commands::replay_if_known(
+        state,
+        PATCH_ROUTE,
+        key.as_deref(),
+        &hash,
+        writer.key_check().as_deref(),
+    )
+    .await?
+    {
+        return Ok(product_response(outcome));
     }
     let correlation_id = request_id(headers);
     let command = change_of(id, PATCH_ROUTE, key, hash, writer);
@@ -471,20 +472,18 @@ async fn delete(
     let key = idempotency_key(headers)?;
     let expected = if_match(headers)?;
     let hash = commands::request_hash(DELETE_ROUTE, Some(id), b"");
-    if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(
-            state,
-            DELETE_ROUTE,
-            key,
-            &hash,
-            writer.key_check().as_deref(),
-        )
-        .await?
-        {
-            let mut response = StatusCode::NO_CONTENT.into_response();
-            commands::replayed_header(&mut response, &outcome);
-            return Ok(response);
-        }
+    if let Some(outcome) = commands::replay_if_known(
+        state,
+        DELETE_ROUTE,
+        key.as_deref(),
+        &hash,
+        writer.key_check().as_deref(),
+    )
+    .await?
+    {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        commands::replayed_header(&mut response, &outcome);
+        return Ok(response);
     }
     let correlation_id = request_id(headers);
     let command = change_of(id, DELETE_ROUTE, key, hash, writer);

@@ -55,10 +55,10 @@ async fn create_user(
     let key = idempotency_key(&headers)?;
     let new = NewUser::parse(&body.fields).map_err(ApiError::Validation)?;
     let hash = commands::request_hash(ROUTE, None, &body.bytes);
-    if let Some(key) = &key {
-        if let Some(outcome) = commands::replay_if_known(&state, ROUTE, key, &hash, None).await? {
-            return Ok(commands::created(outcome, "/users"));
-        }
+    if let Some(outcome) =
+        commands::replay_if_known(&state, ROUTE, key.as_deref(), &hash, None).await?
+    {
+        return Ok(commands::created(outcome, "/users"));
     }
     let email_lower = new.email.to_lowercase();
     if email_taken(&state, &email_lower).await? {
