@@ -115,7 +115,6 @@ start() {
         --storage-engine "memory://tansu/" \
         >"$dir/broker.log" 2>&1) &
     echo $! >"$dir/broker.pid"
-    echo "$bin" >"$dir/broker.bin"
     for _ in $(seq 1 100); do
         if listening "$port"; then echo "broker: $name started on 127.0.0.1:$port (pid $(cat "$dir/broker.pid"))"; return; fi
         sleep 0.1
@@ -133,16 +132,16 @@ stop() {
         for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     fi
-    rm -f "$pidfile" "$root/.run/$1/broker.bin"
+    rm -f "$pidfile"
 }
 
 # Stock Tansu 0.6 answers a fetch that starts inside a multi-record batch from the next batch, so
 # consumers resuming there lose the rest of it; our patch fixes that (tansu-storage.patch). A broker
-# that is not known to be the patched build gets one record per batch.
+# that is not known to be the patched build (by the binary its process runs) gets one record per batch.
 batch_messages() {
-    local file="$root/.run/$1/broker.bin"
-    if [ -f "$file" ] && [ "$(cat "$file")" = "$(patched_bin)" ] && [ -f "$root/.run/$1/broker.pid" ] &&
-        kill -0 "$(cat "$root/.run/$1/broker.pid")" 2>/dev/null; then
+    local pidfile="$root/.run/$1/broker.pid" exe=""
+    if [ -f "$pidfile" ]; then exe="$(readlink -f "/proc/$(cat "$pidfile")/exe" 2>/dev/null || true)"; fi
+    if [ -n "$exe" ] && [ "$exe" = "$(readlink -f "$(patched_bin)")" ]; then
         echo 10000
     else
         echo 1
